@@ -1,0 +1,20 @@
+// The one place where C++ meets Python: the pybind11 module shardpipe._C. Operators are
+// registered with the dispatcher by the core itself (csrc/shardpipe/ops.cpp); loading this
+// module is what makes torch.ops.shardpipe.* appear.
+#include <torch/extension.h>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "shardpipe's C++ core";
+  m.def(
+      "cuda_compiled",
+      []() {
+#ifdef SHARDPIPE_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether this build of shardpipe compiled its CUDA sources.");
+}
