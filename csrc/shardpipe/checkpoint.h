@@ -1,0 +1,56 @@
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace shardpipe {
+
+// Activation recomputation per micro-batch: "never", "except_last" (every micro-batch but
+// the last) or "always".
+enum class CheckpointMode { kNever, kExceptLast, kAlways };
+
+// Parses a mode name; throws std::invalid_argument otherwise.
+CheckpointMode parse_checkpoint(const std::string& name);
+std::string checkpoint_name(CheckpointMode mode);
+bool is_checkpointed(CheckpointMode mode, int micro_batch, int micro_batches);
+
+// The random-number state a stage's forward saw: the CPU generator's and, for a CUDA stage,
+// its device's. Recomputation replays it so dropout masks agree with the first forward.
+struct RngState {
+  at::Tensor cpu;
+  at::Tensor device;
+  c10::Device where = at::kCPU;
+
+  static RngState capture(at::Device device);
+};
+
+// Sets the generators to a saved state for the guard's lifetime and puts back what was there
+// before, so recomputation leaves the random stream of the rest of the program untouched.
+class RngFork {
+ public:
+  explicit RngFork(const RngState& replay);
+  ~RngFork();
+  RngFork(const RngFork&) = delete;
+  RngFork& operator=(const RngFork&) = delete;
+
+ private:
+  RngState saved_;
+};
+
+// True on a thread while it recomputes a checkpointed forward: layers that keep running
+// statistics (deferred batch norm) must not count that forward twice.
+bool is_recomputing();
+
+class RecomputeGuard {
+ public:
+  RecomputeGuard();
+  ~RecomputeGuard();
+  RecomputeGuard(const RecomputeGuard&) = delete;
+  RecomputeGuard& operator=(const RecomputeGuard&) = delete;
+
+ private:
+  bool previous_;
+};
+
+}  // namespace shardpipe

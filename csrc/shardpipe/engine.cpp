@@ -1,0 +1,628 @@
+#include "shardpipe/engine.h"
+
+#include <ATen/ThreadLocalState.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+
+#include "shardpipe/copy.h"
+#include "shardpipe/stage_stream.h"
+
+namespace shardpipe {
+
+// What one (stage, micro-batch) keeps between its forward and its backward.
+struct Slot {
+  Activations input;   // on the stage's device, detached from the producer's graph
+  Activations leaves;  // `input` as autograd leaves: their .grad is the input gradient
+  Activations output;  // with the stage's graph, unless the forward was checkpointed
+  Activations grad;    // gradient of `output`, sent by the next stage (or the caller)
+  RngState rng;        // for recomputation
+  bool checkpointed = false;
+  bool has_input = false;
+  bool forward_done = false;
+  bool has_grad = false;
+};
+
+// One mini-batch on its way through the pipeline. Shared by the caller, the workers and (for
+// `forward` with grad) the autograd node that later runs the backward schedule.
+struct Step {
+  int stages = 0;
+  int micro_batches = 0;
+  int64_t batch = 0;
+  std::vector<int64_t> sizes;  // of the micro-batches
+  std::vector<Slot> slots;
+  Slot& at(int s, int i) { return slots[static_cast<size_t>(s) * micro_batches + i]; }
+
+  bool grad_enabled = false;
+  std::vector<bool> batched;
+  std::vector<bool> input_requires_grad;
+  std::vector<at::Device> input_devices;
+  std::vector<Activations> outputs;      // last stage, per micro-batch, detached
+  std::vector<Activations> input_grads;  // first stage, per micro-batch
+
+  // train_step only
+  bool fused = false;
+  const LossFn* loss = nullptr;
+  std::vector<Activations> targets;  // per micro-batch, on the last stage's device
+  std::vector<double> weights;
+  std::vector<at::Tensor> losses;
+  bool backward_ran = false;
+
+  at::ThreadLocalState tls;  // grad mode, autocast, ... of the thread that started the phase
+  std::mutex mutex;
+  std::condition_variable changed;
+  int pending = 0;
+  bool cancelled = false;
+  std::exception_ptr error;
+  std::string where;
+};
+
+namespace {
+
+ErrorAnnotator& annotator() {
+  static ErrorAnnotator instance = [](std::exception_ptr error, const std::string& where) {
+    try {
+      std::rethrow_exception(error);
+    } catch (c10::Error& e) {
+      e.add_context("shardpipe: raised in " + where);
+      return std::current_exception();
+    } catch (...) {
+      return error;
+    }
+  };
+  return instance;
+}
+
+std::string describe(const Task& t) {
+  return "stage " + std::to_string(t.stage) + ", micro-batch " + std::to_string(t.micro_batch) +
+         (t.phase == Phase::kForward ? " (forward)" : " (backward)");
+}
+
+bool differentiable(const at::Tensor& t) {
+  return t.defined() && (t.is_floating_point() || t.is_complex());
+}
+
+// Moves activations (or gradients) to `to`, where `consumer` will use them. The producer is
+// whatever stream is current on the tensors' devices in the calling thread.
+Activations transfer(const Activations& xs, at::Device to,
+                     const std::optional<c10::Stream>& consumer) {
+  Activations detached;
+  detached.reserve(xs.size());
+  bool local = true;
+  for (const auto& x : xs) {
+    detached.push_back(x.defined() ? x.detach() : x);
+    local = local && (!x.defined() || x.device() == to);
+  }
+  if (local) {
+    wait_stream(consumer, current_stream(to));
+    record_on(detached, consumer);
+    return detached;
+  }
+  // With the consumer's stream current on `to`, copy_to makes it wait on the copy.
+  StreamsGuard guard({consumer});
+  return copy_to_kernel(detached, to, /*non_blocking=*/true);
+}
+
+// Concatenates per-micro-batch activations along the batch dimension; with one micro-batch
+// the tensors are returned as they are.
+Activations gather(const std::vector<Activations>& parts, const char* what) {
+  if (parts.size() == 1) return parts[0];
+  Activations out(parts[0].size());
+  for (size_t k = 0; k < out.size(); ++k) {
+    std::vector<at::Tensor> pieces;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      TORCH_CHECK(parts[i].size() == out.size(), "shardpipe: micro-batch ", i, " gave ",
+                  parts[i].size(), " ", what, ", micro-batch 0 gave ", out.size());
+      TORCH_CHECK(parts[i][k].defined() && parts[i][k].dim() >= 1, "shardpipe: ", what, " ", k,
+                  " of micro-batch ", i,
+                  " has no batch dimension, so micro-batches cannot be concatenated");
+      pieces.push_back(parts[i][k]);
+    }
+    out[k] = at::cat(pieces, 0);
+  }
+  return out;
+}
+
+// The autograd node of `Engine::forward`'s outputs: it runs the backward schedule.
+class PipelineBackward : public torch::autograd::Node {
+ public:
+  PipelineBackward(std::shared_ptr<Engine> engine, std::shared_ptr<Step> step,
+                   std::vector<size_t> outputs, size_t total_outputs)
+      : engine_(std::move(engine)),
+        step_(std::move(step)),
+        outputs_(std::move(outputs)),
+        total_outputs_(total_outputs) {}
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    TORCH_CHECK(step_, "shardpipe: the pipeline's backward already ran for this forward ",
+                "(retain_graph=True is not supported: run the forward again)");
+    std::vector<at::Tensor> all(total_outputs_);
+    for (size_t k = 0; k < outputs_.size(); ++k) all[outputs_[k]] = grads[k];
+    auto step = step_;
+    return engine_->backward(*step, all);
+  }
+
+  std::string name() const override { return "shardpipe::PipelineBackward"; }
+  void release_variables() override { step_.reset(); }
+
+ private:
+  std::shared_ptr<Engine> engine_;
+  std::shared_ptr<Step> step_;
+  std::vector<size_t> outputs_;  // which outputs have this node as grad_fn, in input order
+  size_t total_outputs_;
+};
+
+// Older PyTorch releases hold autograd nodes by std::shared_ptr, newer ones by
+// c10::intrusive_ptr; the edge type says which this build has.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename T, typename... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
+}  // namespace
+
+void Engine::set_error_annotator(ErrorAnnotator a) { annotator() = std::move(a); }
+
+std::shared_ptr<Engine> Engine::create(std::vector<StageFn> stages, EngineOptions options) {
+  return std::shared_ptr<Engine>(new Engine(std::move(stages), std::move(options)));
+}
+
+Engine::Engine(std::vector<StageFn> stages, EngineOptions options)
+    : stages_(std::move(stages)), options_(std::move(options)) {
+  const int S = static_cast<int>(stages_.size());
+  TORCH_CHECK_VALUE(S >= 1, "shardpipe: a pipeline needs at least one stage");
+  TORCH_CHECK_VALUE(static_cast<int>(options_.devices.size()) == S, "shardpipe: ", S,
+                    " stages but ", options_.devices.size(), " devices");
+  TORCH_CHECK_VALUE(options_.chunks >= 1, "shardpipe: chunks must be at least 1, got ",
+                    options_.chunks);
+  if (options_.workers == 0) options_.workers = S;
+  const int W = options_.workers;
+  TORCH_CHECK_VALUE(W >= 1 && S % W == 0, "shardpipe: workers (", W, ") must divide stages (", S,
+                    ")");
+  TORCH_CHECK_VALUE(W == S || options_.schedule == ScheduleKind::kInterleaved,
+                    "shardpipe: only the interleaved schedule runs several stages per worker");
+  for (int s = 0; s < S; ++s) {
+    TORCH_CHECK_VALUE(options_.devices[s] == options_.devices[s % W], "shardpipe: stage ", s,
+                      " is on ", options_.devices[s], " but shares worker ", s % W,
+                      " with stage ", s % W, " on ", options_.devices[s % W]);
+    streams_.push_back(pool_stream(options_.devices[s]));
+  }
+  for (int w = 0; w < W; ++w) {
+    workers_.push_back(std::make_unique<StageWorker>("shardpipe worker " + std::to_string(w)));
+  }
+  epoch_ = std::chrono::steady_clock::now();
+}
+
+Engine::~Engine() { shutdown(); }
+
+void Engine::shutdown() { workers_.clear(); }
+
+at::Device Engine::worker_device(int w) const { return options_.devices[w]; }
+
+void Engine::set_tracing(bool on) {
+  std::lock_guard<std::mutex> lock(trace_mutex_);
+  tracing_ = on;
+}
+
+std::vector<TraceEvent> Engine::take_trace() {
+  std::lock_guard<std::mutex> lock(trace_mutex_);
+  return std::exchange(trace_, {});
+}
+
+std::shared_ptr<Step> Engine::scatter(const Activations& inputs, const std::vector<bool>& batched) {
+  TORCH_CHECK(!workers_.empty(), "shardpipe: this pipeline was closed");
+  TORCH_CHECK_VALUE(inputs.size() == batched.size(), "shardpipe: ", inputs.size(),
+                    " inputs but ", batched.size(), " batched flags");
+  auto step = std::make_shared<Step>();
+  step->stages = stages();
+  step->batched = batched;
+  int64_t batch = -1;
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    TORCH_CHECK_TYPE(inputs[k].defined(), "shardpipe: input ", k, " is not a tensor");
+    step->input_devices.push_back(inputs[k].device());
+    if (!batched[k]) continue;
+    TORCH_CHECK_VALUE(inputs[k].dim() >= 1, "shardpipe: input ", k,
+                      " is a 0-dim tensor, so it cannot be split into micro-batches");
+    if (batch < 0) batch = inputs[k].size(0);
+    TORCH_CHECK_VALUE(inputs[k].size(0) == batch, "shardpipe: inputs must share their batch size,",
+                      " got ", batch, " and ", inputs[k].size(0), " (input ", k, ")");
+  }
+  TORCH_CHECK_VALUE(batch >= 0, "shardpipe: at least one input must be split into micro-batches");
+  TORCH_CHECK_VALUE(batch > 0, "shardpipe: the batch is empty");
+  step->batch = batch;
+
+  std::vector<std::vector<at::Tensor>> pieces(inputs.size());
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    if (batched[k]) pieces[k] = at::chunk(inputs[k], options_.chunks, 0);
+  }
+  const auto& first = *std::find_if(pieces.begin(), pieces.end(),
+                                    [](const auto& p) { return !p.empty(); });
+  step->micro_batches = static_cast<int>(first.size());
+  for (const auto& piece : first) step->sizes.push_back(piece.size(0));
+  step->slots.resize(static_cast<size_t>(step->stages) * step->micro_batches);
+  step->outputs.resize(step->micro_batches);
+  step->input_grads.resize(step->micro_batches);
+
+  step->grad_enabled = at::GradMode::is_enabled();
+  for (const auto& x : inputs) {
+    step->input_requires_grad.push_back(step->grad_enabled && x.requires_grad());
+  }
+  for (int i = 0; i < step->micro_batches; ++i) {
+    Activations mb;
+    for (size_t k = 0; k < inputs.size(); ++k) mb.push_back(batched[k] ? pieces[k][i] : inputs[k]);
+    Slot& slot = step->at(0, i);
+    slot.input = transfer(mb, options_.devices[0], streams_[0]);
+    slot.has_input = true;
+  }
+  return step;
+}
+
+void Engine::execute(Step& step, const Schedule& schedule, std::optional<at::Device> inline_device) {
+  std::vector<const std::vector<Task>*> inline_lists;
+  std::vector<int> posted;
+  for (int w = 0; w < schedule.workers; ++w) {
+    if (schedule.per_worker[w].empty()) continue;
+    if (inline_device && worker_device(w) == *inline_device) {
+      inline_lists.push_back(&schedule.per_worker[w]);
+    } else {
+      posted.push_back(w);
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(step.mutex);
+    step.pending = static_cast<int>(posted.size());
+    step.cancelled = false;
+    step.error = nullptr;
+  }
+  for (int w : posted) {
+    const auto* list = &schedule.per_worker[w];
+    workers_[w]->post([this, &step, list] {
+      run_lists(step, {list});
+      // Notify under the lock: once `pending` reaches 0 the caller may free the step.
+      std::lock_guard<std::mutex> lock(step.mutex);
+      --step.pending;
+      step.changed.notify_all();
+    });
+  }
+  // A backward that autograd runs on a CUDA device's thread must run that device's stages
+  // itself: their autograd calls need that very thread, which is busy waiting here.
+  if (!inline_lists.empty()) run_lists(step, inline_lists);
+  std::unique_lock<std::mutex> lock(step.mutex);
+  step.changed.wait(lock, [&] { return step.pending == 0; });
+  if (step.error) {
+    auto error = annotator()(std::exchange(step.error, nullptr), step.where);
+    lock.unlock();
+    std::rethrow_exception(error);
+  }
+}
+
+void Engine::run_lists(Step& step, const std::vector<const std::vector<Task>*>& lists) {
+  at::ThreadLocalStateGuard tls_guard(step.tls);
+  std::vector<size_t> next(lists.size(), 0);
+  auto ready = [&](const Task& t) {
+    Slot& slot = step.at(t.stage, t.micro_batch);
+    if (t.phase == Phase::kForward) return slot.has_input;
+    return slot.forward_done && (slot.has_grad || (step.fused && t.stage == step.stages - 1));
+  };
+  for (;;) {
+    const Task* task = nullptr;
+    {
+      std::unique_lock<std::mutex> lock(step.mutex);
+      for (;;) {
+        if (step.cancelled) return;
+        bool finished = true;
+        for (size_t k = 0; k < lists.size() && !task; ++k) {
+          if (next[k] >= lists[k]->size()) continue;
+          finished = false;
+          if (ready((*lists[k])[next[k]])) task = &(*lists[k])[next[k]++];
+        }
+        if (task || finished) break;
+        step.changed.wait(lock);
+      }
+    }
+    if (!task) return;
+    auto start = std::chrono::steady_clock::now();
+    try {
+      run_task(step, *task);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(step.mutex);
+      if (!step.error) {
+        step.error = std::current_exception();
+        step.where = describe(*task);
+      }
+      step.cancelled = true;
+      step.changed.notify_all();
+      return;
+    }
+    if (tracing_) {
+      auto us = [this](auto t) {
+        return std::chrono::duration<double, std::micro>(t - epoch_).count();
+      };
+      std::lock_guard<std::mutex> lock(trace_mutex_);
+      trace_.push_back({task->stage, task->micro_batch, task->phase,
+                        task->stage % options_.workers, us(start),
+                        us(std::chrono::steady_clock::now())});
+    }
+    std::lock_guard<std::mutex> lock(step.mutex);
+    if (task->phase == Phase::kForward) step.at(task->stage, task->micro_batch).forward_done = true;
+    step.changed.notify_all();
+  }
+}
+
+void Engine::run_task(Step& step, const Task& task) {
+  const at::Device device = options_.devices[task.stage];
+  c10::OptionalDeviceGuard device_guard;
+  if (!device.is_cpu()) device_guard.reset_device(device);
+  StreamsGuard stream_guard({streams_[task.stage]});
+  if (task.phase == Phase::kForward) {
+    run_forward(step, task.stage, task.micro_batch);
+  } else {
+    run_backward(step, task.stage, task.micro_batch);
+  }
+}
+
+Activations Engine::call_stage(Step& step, int s, int i, const Activations& input) {
+  Activations leaves;
+  leaves.reserve(input.size());
+  for (size_t k = 0; k < input.size(); ++k) {
+    // Inputs of the first stage need a gradient only where the caller's do; later stages'
+    // floating-point inputs always carry one back.
+    bool wanted = step.grad_enabled && at::GradMode::is_enabled() && differentiable(input[k]) &&
+                  (s > 0 || step.input_requires_grad[k]);
+    leaves.push_back(wanted ? input[k].detach().requires_grad_(true) : input[k]);
+  }
+  Activations out = stages_[s](leaves);
+  if (step.fused && s == step.stages - 1) {
+    at::Tensor loss = (*step.loss)(out, step.targets[i]);
+    TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1,
+                      "shardpipe: loss_fn must return a scalar tensor, got shape ", loss.sizes());
+    out = {loss.reshape({}) * step.weights[i]};
+  }
+  Slot& slot = step.at(s, i);
+  slot.leaves = std::move(leaves);
+  return out;
+}
+
+void Engine::run_forward(Step& step, int s, int i) {
+  Slot& slot = step.at(s, i);
+  const bool last = s == step.stages - 1;
+  const bool checkpointed =
+      step.grad_enabled && is_checkpointed(options_.checkpoint, i, step.micro_batches);
+  if (checkpointed) slot.rng = RngState::capture(options_.devices[s]);
+  Activations out;
+  {
+    at::AutoGradMode grad_mode(step.grad_enabled && !checkpointed);
+    out = call_stage(step, s, i, slot.input);
+  }
+  if (step.grad_enabled) {
+    slot.checkpointed = checkpointed;
+    if (checkpointed) {
+      slot.leaves.clear();
+    } else {
+      slot.output = out;
+    }
+  } else {
+    slot.leaves.clear();
+    slot.input.clear();
+  }
+  if (!slot.checkpointed && step.grad_enabled) slot.input.clear();
+  if (last) {
+    Activations detached;
+    for (const auto& t : out) detached.push_back(t.defined() ? t.detach() : t);
+    if (step.fused) step.losses[i] = detached[0];
+    step.outputs[i] = std::move(detached);
+  } else {
+    send(step, out, s, s + 1, i, /*grads=*/false);
+  }
+}
+
+void Engine::run_backward(Step& step, int s, int i) {
+  Slot& slot = step.at(s, i);
+  Activations outputs;
+  if (slot.checkpointed) {
+    RecomputeGuard recomputing;
+    RngFork replay(slot.rng);
+    at::AutoGradMode grad_mode(true);
+    outputs = call_stage(step, s, i, slot.input);
+  } else {
+    outputs = std::move(slot.output);
+  }
+  std::vector<at::Tensor> roots, grads;
+  if (step.fused && s == step.stages - 1) {
+    if (outputs[0].requires_grad()) {
+      roots.push_back(outputs[0]);
+      grads.push_back(at::ones_like(outputs[0]));
+    }
+  } else {
+    for (size_t k = 0; k < outputs.size() && k < slot.grad.size(); ++k) {
+      if (outputs[k].defined() && outputs[k].requires_grad() && slot.grad[k].defined()) {
+        roots.push_back(outputs[k]);
+        grads.push_back(slot.grad[k]);
+      }
+    }
+  }
+  if (!roots.empty()) torch::autograd::backward(roots, grads);
+  Activations input_grads(slot.leaves.size());
+  for (size_t k = 0; k < slot.leaves.size(); ++k) {
+    if (slot.leaves[k].defined() && slot.leaves[k].requires_grad())
+      input_grads[k] = slot.leaves[k].grad();
+  }
+  slot.leaves.clear();
+  slot.input.clear();
+  slot.grad.clear();
+  slot.rng = RngState();
+  outputs.clear();
+  if (s > 0) {
+    send(step, input_grads, s, s - 1, i, /*grads=*/true);
+  } else {
+    step.input_grads[i] = std::move(input_grads);
+  }
+}
+
+void Engine::send(Step& step, const Activations& xs, int from_stage, int to_stage, int i,
+                  bool grads) {
+  (void)from_stage;  // the producer's stream is the current one
+  Activations moved = transfer(xs, options_.devices[to_stage], streams_[to_stage]);
+  std::lock_guard<std::mutex> lock(step.mutex);
+  Slot& slot = step.at(to_stage, i);
+  if (grads) {
+    slot.grad = std::move(moved);
+    slot.has_grad = true;
+  } else {
+    slot.input = std::move(moved);
+    slot.has_input = true;
+  }
+  step.changed.notify_all();
+}
+
+Activations Engine::forward(const Activations& inputs, const std::vector<bool>& batched) {
+  auto step = scatter(inputs, batched);
+  const int S = stages(), m = step->micro_batches;
+  auto schedule = make_schedule(options_.schedule, S, m, options_.workers).only(Phase::kForward);
+  execute(*step, schedule, std::nullopt);
+
+  const at::Device last = options_.devices[S - 1];
+  auto here = current_stream(last);
+  wait_stream(here, streams_[S - 1]);
+  for (const auto& mb : step->outputs) record_on(mb, here);
+  Activations outputs = gather(step->outputs, "output");
+  for (auto& t : outputs) t = t.detach();
+
+  bool attach = false;
+  if (step->grad_enabled) {
+    attach = options_.checkpoint != CheckpointMode::kNever;
+    for (int i = 0; i < m && !attach; ++i) {
+      for (const auto& t : step->at(S - 1, i).output) attach = attach || t.requires_grad();
+    }
+  }
+  step->outputs.clear();
+  if (!attach) return outputs;
+
+  std::vector<size_t> with_grad;
+  for (size_t k = 0; k < outputs.size(); ++k) {
+    if (differentiable(outputs[k])) with_grad.push_back(k);
+  }
+  auto node = make_node<PipelineBackward>(shared_from_this(), step, with_grad, outputs.size());
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+  for (size_t k : with_grad) torch::autograd::create_gradient_edge(outputs[k], node);
+  return outputs;
+}
+
+std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tensor>& grads) {
+  TORCH_CHECK(!step.backward_ran, "shardpipe: the pipeline's backward already ran for this forward");
+  step.backward_ran = true;
+  step.tls = at::ThreadLocalState();
+  const int S = stages(), m = step.micro_batches;
+  std::optional<at::Device> inline_device;
+  std::vector<std::vector<at::Tensor>> parts(grads.size());
+  for (size_t k = 0; k < grads.size(); ++k) {
+    if (!grads[k].defined()) continue;
+    if (grads[k].is_cuda()) inline_device = grads[k].device();
+    parts[k] = m == 1 ? std::vector<at::Tensor>{grads[k]}
+                      : grads[k].split_with_sizes(step.sizes, 0);
+  }
+  for (int i = 0; i < m; ++i) {
+    Activations g(grads.size());
+    for (size_t k = 0; k < grads.size(); ++k) {
+      if (!parts[k].empty()) g[k] = parts[k][i];
+    }
+    Slot& slot = step.at(S - 1, i);
+    slot.grad = transfer(g, options_.devices[S - 1], streams_[S - 1]);
+    slot.has_grad = true;
+  }
+  auto schedule = make_schedule(options_.schedule, S, m, options_.workers).only(Phase::kBackward);
+  execute(step, schedule, inline_device);
+
+  std::vector<at::Tensor> result(step.input_devices.size());
+  const at::Device first = options_.devices[0];
+  wait_stream(current_stream(first), streams_[0]);
+  for (size_t k = 0; k < result.size(); ++k) {
+    if (!step.input_requires_grad[k]) continue;
+    std::vector<at::Tensor> pieces;
+    for (int i = 0; i < m; ++i) {
+      const auto& g = step.input_grads[i];
+      if (k < g.size() && g[k].defined()) pieces.push_back(g[k]);
+    }
+    if (pieces.size() != static_cast<size_t>(m)) continue;  // no gradient reached this input
+    at::Tensor grad;
+    if (step.batched[k]) {
+      grad = m == 1 ? pieces[0] : at::cat(pieces, 0);
+    } else {
+      grad = pieces[0];
+      for (int i = 1; i < m; ++i) grad = grad + pieces[i];
+    }
+    if (grad.device() != step.input_devices[k]) {
+      grad = copy_to_kernel({grad}, step.input_devices[k], /*non_blocking=*/true)[0];
+    }
+    result[k] = grad;
+  }
+  step.input_grads.clear();
+  return result;
+}
+
+at::Tensor Engine::train_step(const Activations& inputs, const std::vector<bool>& batched,
+                              const Activations& targets, const LossFn& loss, bool sum_reduction) {
+  TORCH_CHECK(at::GradMode::is_enabled(),
+              "shardpipe: train_step needs grad mode; it was called under torch.no_grad()");
+  auto step = scatter(inputs, batched);
+  const int S = stages(), m = step->micro_batches;
+  step->fused = true;
+  step->loss = &loss;
+  const at::Device last = options_.devices[S - 1];
+  std::vector<std::vector<at::Tensor>> pieces;
+  for (size_t k = 0; k < targets.size(); ++k) {
+    TORCH_CHECK_VALUE(targets[k].defined() && targets[k].dim() >= 1 &&
+                          targets[k].size(0) == step->batch,
+                      "shardpipe: target ", k, " must have the batch size ", step->batch,
+                      " in its first dimension");
+    pieces.push_back(targets[k].split_with_sizes(step->sizes, 0));
+  }
+  for (int i = 0; i < m; ++i) {
+    Activations t;
+    for (const auto& p : pieces) t.push_back(p[i]);
+    step->targets.push_back(transfer(t, last, streams_[S - 1]));
+    step->weights.push_back(sum_reduction ? 1.0
+                                          : static_cast<double>(step->sizes[i]) / step->batch);
+  }
+  step->losses.resize(m);
+  execute(*step, make_schedule(options_.schedule, S, m, options_.workers), std::nullopt);
+
+  wait_stream(current_stream(last), streams_[S - 1]);
+  at::Tensor total = at::stack(step->losses).sum();
+
+  // Gradients of the inputs travel on into whatever produced them.
+  std::vector<at::Tensor> roots, grads;
+  const at::Device first = options_.devices[0];
+  wait_stream(current_stream(first), streams_[0]);
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    if (!step->input_requires_grad[k]) continue;
+    std::vector<at::Tensor> parts;
+    for (int i = 0; i < m; ++i) {
+      const auto& g = step->input_grads[i];
+      if (k < g.size() && g[k].defined()) parts.push_back(g[k]);
+    }
+    if (parts.size() != static_cast<size_t>(m)) continue;
+    at::Tensor grad = batched[k] ? at::cat(parts, 0) : at::stack(parts).sum(0);
+    if (grad.device() != inputs[k].device())
+      grad = copy_to_kernel({grad}, inputs[k].device(), /*non_blocking=*/true)[0];
+    roots.push_back(inputs[k]);
+    grads.push_back(grad);
+  }
+  if (!roots.empty()) torch::autograd::backward(roots, grads);
+  return total;
+}
+
+}  // namespace shardpipe

@@ -1,0 +1,62 @@
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace shardpipe {
+
+enum class Phase : uint8_t { kForward, kBackward };
+
+// One unit of pipeline work: a stage's forward or backward for one micro-batch.
+struct Task {
+  int stage;
+  int micro_batch;
+  Phase phase;
+  bool operator==(const Task& o) const {
+    return stage == o.stage && micro_batch == o.micro_batch && phase == o.phase;
+  }
+};
+
+enum class ScheduleKind {
+  kGPipe,        // fill-drain: every forward, then every backward
+  kOneFOneB,     // one forward one backward: at most `stages` micro-batches alive per stage
+  kInterleaved,  // 1F1B over several virtual stages per worker (Megatron-LM style)
+};
+
+// Parses "gpipe", "1f1b" or "interleaved"; throws std::invalid_argument otherwise.
+ScheduleKind parse_schedule(const std::string& name);
+std::string schedule_name(ScheduleKind kind);
+
+// A schedule is data: for every worker, the order in which it runs its tasks. Stage s runs on
+// worker s % workers, so `stages / workers` virtual stages share a worker when interleaving.
+// A task may start once its dependencies are done: F(s, i) after F(s-1, i); B(s, i) after
+// F(s, i) and B(s+1, i).
+struct Schedule {
+  ScheduleKind kind;
+  int stages;
+  int micro_batches;
+  int workers;
+  std::vector<std::vector<Task>> per_worker;
+
+  int worker_of(int stage) const { return stage % workers; }
+  // The same order restricted to one phase (the forward of `pipe(x)`, the backward that
+  // autograd later asks for).
+  Schedule only(Phase phase) const;
+};
+
+// Builds the schedule; `workers` must divide `stages` (and equal it except for kInterleaved).
+// Throws std::invalid_argument for impossible shapes.
+Schedule make_schedule(ScheduleKind kind, int stages, int micro_batches, int workers);
+
+// Runs the schedule on paper: every worker takes its tasks in order, each once its
+// dependencies are done. Reports whether everything ran and, per stage, the largest number
+// of micro-batches whose forward was done and backward not yet (the activations alive).
+struct ScheduleCheck {
+  bool complete = false;
+  std::string problem;  // empty when complete
+  std::vector<int> peak_alive;
+};
+ScheduleCheck simulate(const Schedule& schedule);
+
+}  // namespace shardpipe

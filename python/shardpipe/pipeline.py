@@ -1,0 +1,320 @@
+"""``Pipeline``: a drop-in ``nn.Module`` that runs a sequential model as a pipeline."""
+
+import atexit
+import contextlib
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from . import _C
+from ._devices import as_device
+from .batchnorm import DeferredBatchNorm
+from .trace import Trace
+
+__all__ = ["Pipeline", "NoChunk"]
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+CHECKPOINTS = ("never", "except_last", "always")
+LOSS_REDUCTIONS = ("mean", "sum")
+
+_live = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all():
+    for pipe in list(_live):
+        pipe.close()
+
+
+class NoChunk:
+    """Marks a pipeline input that every micro-batch gets whole instead of a slice of.
+
+    Example::
+
+        >>> mask = torch.ones(16, 16)
+        >>> out = pipe(x, shardpipe.NoChunk(mask))   # x is split, mask is not
+    """
+
+    def __init__(self, tensor):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"NoChunk wraps a Tensor, got {type(tensor).__name__}")
+        self.tensor = tensor
+
+    def __repr__(self):
+        return f"NoChunk({tuple(self.tensor.shape)})"
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _check_choice(value, name, allowed):
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {allowed}, got {type(value).__name__}")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _default_balance(children, stages):
+    # Even split by parameter count; every child also counts one, so parameter-free layers
+    # are spread out too.
+    costs = [1.0 + sum(p.numel() for p in child.parameters()) for _, child in children]
+    return list(_C.balance_partition(costs, stages))
+
+
+def _flatten_inputs(inputs):
+    if len(inputs) == 1 and isinstance(inputs[0], (tuple, list)):
+        inputs = tuple(inputs[0])
+    tensors, batched = [], []
+    for k, x in enumerate(inputs):
+        if isinstance(x, NoChunk):
+            tensors.append(x.tensor)
+            batched.append(False)
+        elif isinstance(x, torch.Tensor):
+            tensors.append(x)
+            batched.append(True)
+        else:
+            raise TypeError(f"pipeline input {k} must be a Tensor or NoChunk(Tensor), "
+                            f"got {type(x).__name__}")
+    if not tensors:
+        raise TypeError("a pipeline needs at least one input Tensor")
+    return tensors, batched
+
+
+class Pipeline(nn.Module):
+    """Run an ``nn.Sequential`` as a pipeline over devices, micro-batch by micro-batch.
+
+    The model's children are split into consecutive stages (``balance`` children each), each
+    stage moved to its device and run by a worker thread of the C++ engine; every mini-batch
+    is split into ``chunks`` micro-batches along dim 0 (like ``torch.chunk``) that flow
+    through the stages under ``schedule``. ``pipe(x)`` returns the output on the last stage's
+    device and ``loss.backward()`` runs a pipelined backward, so a training loop stays as it
+    is. Gradients equal those of the same model run on the same micro-batches one after
+    another (without batch-dependent layers: the full-batch gradients).
+
+    Args:
+        module: an ``nn.Sequential``, or a model that :func:`shardpipe.sequentialize` can
+            turn into one. Its children are registered on the pipeline under their own
+            names, so ``state_dict()`` keys are the model's.
+        devices: one device per stage. ``"cpu"`` may repeat (each CPU stage gets its own
+            worker thread), and so may a GPU (its stages overlap on separate streams). With
+            ``schedule="interleaved"``, ``balance`` may list several stages per device:
+            stage ``s`` runs on ``devices[s % len(devices)]``.
+        chunks: micro-batches per mini-batch; a smaller batch runs one sample per
+            micro-batch.
+        balance: how many children each stage gets (default: an even split by parameter
+            count; :func:`shardpipe.balance_by_time` computes a better one).
+        schedule: ``"gpipe"`` (fill-drain), ``"1f1b"`` (with :meth:`train_step`: at most
+            ``stages`` micro-batches of activations alive per stage) or ``"interleaved"``
+            (1F1B over several virtual stages per device; default two per device).
+        checkpoint: ``"never"``, ``"except_last"`` or ``"always"``: recompute a stage's
+            forward during backward instead of keeping its activations, replaying the
+            random-number state so dropout agrees.
+        deferred_batch_norm: replace BatchNorm layers by :class:`DeferredBatchNorm`, so the
+            running statistics after a step equal those of one full-batch step.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> pipe = shardpipe.Pipeline(model, devices=["cpu", "cpu"], chunks=4)
+        >>> out = pipe(torch.randn(32, 8))
+        >>> out.sum().backward()
+    """
+
+    def __init__(self, module, devices, chunks=1, balance=None, schedule="gpipe",
+                 checkpoint="never", deferred_batch_norm=False):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if not isinstance(module, nn.Sequential):
+            from .sequentialize import sequentialize
+
+            module = sequentialize(module)
+        if isinstance(devices, (str, torch.device)) or not isinstance(devices, (list, tuple)):
+            raise TypeError("devices must be a list of devices, one per stage, got "
+                            f"{type(devices).__name__}")
+        if not devices:
+            raise ValueError("devices must list at least one device")
+        devices = [as_device(d, f"devices[{i}]") for i, d in enumerate(devices)]
+        chunks = _check_int(chunks, "chunks", 1)
+        schedule = _check_choice(schedule, "schedule", SCHEDULES)
+        checkpoint = _check_choice(checkpoint, "checkpoint", CHECKPOINTS)
+        if not isinstance(deferred_batch_norm, bool):
+            raise TypeError("deferred_batch_norm must be a bool, got "
+                            f"{type(deferred_batch_norm).__name__}")
+
+        children = list(module.named_children())
+        if balance is None:
+            stages = len(devices) * (2 if schedule == "interleaved" else 1)
+            if schedule == "interleaved" and stages > len(children):
+                stages = len(devices)
+            if stages > len(children):
+                raise ValueError(f"devices lists {len(devices)} devices, but the module has only "
+                                 f"{len(children)} children to split into stages")
+            balance = _default_balance(children, stages)
+        balance = self._check_balance(balance, len(children), len(devices), schedule)
+
+        if deferred_batch_norm:
+            module = DeferredBatchNorm.convert(module)
+            children = list(module.named_children())
+        for name, child in children:
+            self.add_module(name, child)
+
+        stage_devices = [devices[s % len(devices)] for s in range(len(balance))]
+        stages, start = [], 0
+        for size, device in zip(balance, stage_devices):
+            stage = nn.Sequential(OrderedDict(children[start:start + size]))
+            stages.append(stage.to(device))
+            start += size
+        # Stages share the children registered above; kept out of the module tree so that
+        # state_dict keys stay the model's.
+        self.__dict__["_stages"] = tuple(stages)
+        self._devices = stage_devices
+        self._balance = list(balance)
+        self._chunks = chunks
+        self._schedule = schedule
+        self._checkpoint = checkpoint
+        self._deferred = [m for m in self.modules() if isinstance(m, DeferredBatchNorm)]
+        workers = len(devices) if schedule == "interleaved" else len(balance)
+        self._engine = _C.Engine(list(stages), [str(d) for d in stage_devices], workers, chunks,
+                                 schedule, checkpoint)
+        _live.add(self)
+
+    @staticmethod
+    def _check_balance(balance, children, devices, schedule):
+        if not isinstance(balance, (list, tuple)):
+            raise TypeError(f"balance must be a list of ints, got {type(balance).__name__}")
+        for i, b in enumerate(balance):
+            if isinstance(b, bool) or not isinstance(b, int):
+                raise TypeError(f"balance[{i}] must be an int, got {type(b).__name__}")
+            if b < 1:
+                raise ValueError(f"balance[{i}] must be at least 1 (no empty stages), got {b}")
+        if sum(balance) != children:
+            raise ValueError(f"balance must sum to the module's {children} children, got "
+                             f"{list(balance)} (sum {sum(balance)})")
+        if schedule == "interleaved":
+            if len(balance) % devices != 0:
+                raise ValueError(f"with schedule='interleaved', balance needs a multiple of the "
+                                 f"{devices} devices in stages, got {len(balance)}")
+        elif len(balance) != devices:
+            raise ValueError(f"balance has {len(balance)} stages but devices lists {devices}; "
+                             "give one device per stage")
+        return list(balance)
+
+    @property
+    def stages(self):
+        """The stages, as ``nn.Sequential`` modules sharing the pipeline's children."""
+        return self._stages
+
+    @property
+    def devices(self):
+        """The device of each stage."""
+        return list(self._devices)
+
+    @property
+    def balance(self):
+        """How many children each stage holds."""
+        return list(self._balance)
+
+    @property
+    def chunks(self):
+        return self._chunks
+
+    def extra_repr(self):
+        parts = []
+        start = 0
+        names = [name for name, _ in self.named_children()]
+        for s, (size, device) in enumerate(zip(self._balance, self._devices)):
+            parts.append(f"stage {s} on {device}: {', '.join(names[start:start + size])}")
+            start += size
+        head = (f"chunks={self._chunks}, schedule={self._schedule!r}, "
+                f"checkpoint={self._checkpoint!r}, balance={self._balance}")
+        return head + "\n" + "\n".join(parts)
+
+    def forward(self, *inputs):
+        """Run the pipeline; returns the last stage's output (a Tensor or a tuple)."""
+        tensors, batched = _flatten_inputs(inputs)
+        outputs = self._engine.forward(tensors, batched)
+        self._commit_batch_norm()
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def train_step(self, input, target, loss_fn, loss_reduction="mean"):
+        """Forward and backward of one mini-batch, fused under the schedule.
+
+        ``loss_fn(output, target)`` is computed per micro-batch on the last stage and its
+        backward starts at once, which is what lets ``schedule="1f1b"`` keep at most
+        ``stages`` micro-batches of activations per stage. Returns the detached loss: the
+        micro-batch losses weighted by their share of the batch (``loss_reduction="mean"``,
+        so a mean-reduced loss gives the full-batch loss) or summed (``"sum"``). Parameter
+        gradients are those of the returned value; call ``optimizer.step()`` next.
+
+        Example::
+
+            >>> loss = pipe.train_step(x, y, nn.functional.cross_entropy)
+            >>> optimizer.step(); optimizer.zero_grad()
+        """
+        tensors, batched = _flatten_inputs((input,))
+        if isinstance(target, torch.Tensor):
+            targets = [target]
+        elif isinstance(target, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in target):
+            targets = list(target)
+        else:
+            raise TypeError(f"target must be a Tensor or a tuple of Tensors, got "
+                            f"{type(target).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        _check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS)
+        loss = self._engine.train_step(tensors, batched, targets, loss_fn,
+                                       loss_reduction == "sum")
+        self._commit_batch_norm()
+        return loss
+
+    def _commit_batch_norm(self):
+        if self.training:
+            for bn in self._deferred:
+                bn.commit()
+
+    @contextlib.contextmanager
+    def record_trace(self):
+        """Record when each task ran, for a timeline of the schedule.
+
+        Example::
+
+            >>> with pipe.record_trace() as trace:
+            ...     pipe(x).sum().backward()
+            >>> trace.save("pipeline.json")   # open in chrome://tracing or Perfetto
+        """
+        trace = Trace()
+        self._engine.take_trace()
+        self._engine.set_tracing(True)
+        try:
+            yield trace
+        finally:
+            self._engine.set_tracing(False)
+            trace._extend(self._engine.take_trace())
+
+    def close(self):
+        """Stop the worker threads (also done when the pipeline is garbage collected)."""
+        engine = self.__dict__.get("_engine")
+        if engine is not None:
+            engine.shutdown()
+
+    def _refuse_move(self, *args, **kwargs):
+        raise TypeError("a Pipeline places its stages itself; move the model before wrapping "
+                        "it, or give other devices")
+
+    cuda = _refuse_move
+    cpu = _refuse_move
+
+    def to(self, *args, **kwargs):
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            self._refuse_move()
+        return super().to(*args, **kwargs)

@@ -1,0 +1,56 @@
+"""Timelines of pipeline schedules: Chrome/Perfetto traces and bubble fractions."""
+
+import json
+
+__all__ = ["Trace"]
+
+
+class Trace:
+    """Tasks recorded by :meth:`Pipeline.record_trace`.
+
+    ``events`` holds one dict per task: ``stage``, ``micro_batch``, ``phase``
+    (``"forward"``/``"backward"``), ``worker``, ``start_us`` and ``end_us``.
+
+    Example::
+
+        >>> with pipe.record_trace() as trace:
+        ...     pipe.train_step(x, y, loss_fn)
+        >>> trace.bubble_fraction()      # share of worker time spent idle
+        >>> trace.save("step.json")      # chrome://tracing or ui.perfetto.dev
+    """
+
+    def __init__(self, events=()):
+        self.events = []
+        self._extend(events)
+
+    def _extend(self, raw):
+        for stage, micro_batch, phase, worker, start, end in raw:
+            self.events.append(dict(stage=stage, micro_batch=micro_batch, phase=phase,
+                                    worker=worker, start_us=start, end_us=end))
+
+    def bubble_fraction(self):
+        """Idle share of the workers between the first task's start and the last's end."""
+        if not self.events:
+            return 0.0
+        start = min(e["start_us"] for e in self.events)
+        end = max(e["end_us"] for e in self.events)
+        workers = len({e["worker"] for e in self.events})
+        busy = sum(e["end_us"] - e["start_us"] for e in self.events)
+        span = (end - start) * workers
+        return max(0.0, 1.0 - busy / span) if span > 0 else 0.0
+
+    def to_chrome(self):
+        """The trace in Chrome's trace-event format (a dict ready for ``json.dump``)."""
+        events = [
+            dict(name=f"{'F' if e['phase'] == 'forward' else 'B'}{e['micro_batch']}",
+                 cat=e["phase"], ph="X", ts=e["start_us"], dur=e["end_us"] - e["start_us"],
+                 pid=0, tid=e["worker"],
+                 args=dict(stage=e["stage"], micro_batch=e["micro_batch"]))
+            for e in self.events
+        ]
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def save(self, path):
+        """Write the trace as Chrome trace-event JSON."""
+        with open(path, "w") as f:
+            json.dump(self.to_chrome(), f)
