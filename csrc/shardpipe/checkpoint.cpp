@@ -2,6 +2,8 @@
 
 #include <ATen/Context.h>
 
+#include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 
@@ -72,6 +74,19 @@ RngFork::~RngFork() {
   set_state(at::detail::getDefaultCPUGenerator(), saved_.cpu);
   if (saved_.device.defined())
     set_state(at::globalContext().defaultGenerator(saved_.where), saved_.device);
+}
+
+std::unique_lock<std::mutex> lock_generator(at::Device device) {
+  static std::mutex registry_mutex;
+  static std::map<std::pair<int, int>, std::unique_ptr<std::mutex>> mutexes;
+  std::mutex* m;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    auto& slot = mutexes[{static_cast<int>(device.type()), device.index()}];
+    if (!slot) slot = std::make_unique<std::mutex>();
+    m = slot.get();
+  }
+  return std::unique_lock<std::mutex>(*m);
 }
 
 bool is_recomputing() { return recomputing; }

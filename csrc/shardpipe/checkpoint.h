@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <mutex>
 #include <string>
 
 namespace shardpipe {
@@ -37,6 +38,12 @@ class RngFork {
  private:
   RngState saved_;
 };
+
+// Serialises the forwards that draw from one device's generator while checkpointing. All CPU
+// stages share the CPU generator (and stages on one GPU share its generator): a forward whose
+// state is saved for replay must not interleave its draws with another stage's, or the
+// replay would differ from what the forward used.
+std::unique_lock<std::mutex> lock_generator(at::Device device);
 
 // True on a thread while it recomputes a checkpointed forward: layers that keep running
 // statistics (deferred batch norm) must not count that forward twice.

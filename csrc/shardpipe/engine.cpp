@@ -401,9 +401,12 @@ void Engine::run_forward(Step& step, int s, int i) {
   const bool last = s == step.stages - 1;
   const bool checkpointed =
       step.grad_enabled && is_checkpointed(options_.checkpoint, i, step.micro_batches);
-  if (checkpointed) slot.rng = RngState::capture(options_.devices[s]);
   Activations out;
   {
+    std::unique_lock<std::mutex> generator;
+    if (step.grad_enabled && options_.checkpoint != CheckpointMode::kNever)
+      generator = lock_generator(options_.devices[s]);
+    if (checkpointed) slot.rng = RngState::capture(options_.devices[s]);
     at::AutoGradMode grad_mode(step.grad_enabled && !checkpointed);
     out = call_stage(step, s, i, slot.input);
   }
@@ -433,6 +436,7 @@ void Engine::run_backward(Step& step, int s, int i) {
   Slot& slot = step.at(s, i);
   Activations outputs;
   if (slot.checkpointed) {
+    auto generator = lock_generator(options_.devices[s]);
     RecomputeGuard recomputing;
     RngFork replay(slot.rng);
     at::AutoGradMode grad_mode(true);
