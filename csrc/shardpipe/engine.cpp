@@ -1,5 +1,6 @@
 #include "shardpipe/engine.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
@@ -311,6 +312,9 @@ void Engine::execute(Step& step, const Schedule& schedule, std::optional<at::Dev
 
 void Engine::run_lists(Step& step, const std::vector<const std::vector<Task>*>& lists) {
   at::ThreadLocalStateGuard tls_guard(step.tls);
+  // OpenMP's thread count is per thread: take the process-wide torch.set_num_threads value
+  // now, not the default this worker was born with.
+  at::init_num_threads();
   std::vector<size_t> next(lists.size(), 0);
   auto ready = [&](const Task& t) {
     Slot& slot = step.at(t.stage, t.micro_batch);

@@ -1,0 +1,161 @@
+"""Pipeline engine benchmarks: overhead per task, CPU pipeline efficiency, a timeline.
+
+Prints a table of ratios measured side by side in one run; never fails on time.
+
+    python benchmarks/pipeline_bench.py            # CPU (and CUDA per-task cost if present)
+    python benchmarks/pipeline_bench.py --quick    # smaller sizes, for tests
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import shardpipe as sp
+
+
+def timed(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), statistics.pstdev(samples)
+
+
+def tutorial_loop(stages, devices, x, chunks):
+    """The PyTorch model-parallel tutorial's hand-written pattern, generalised to N stages:
+    a Python loop over micro-batches that moves each activation on to the next device."""
+    outputs = []
+    for part in x.chunk(chunks):
+        for stage, device in zip(stages, devices):
+            part = stage(part.to(device, non_blocking=True))
+        outputs.append(part)
+    return torch.cat(outputs)
+
+
+def overhead(device, stages, chunks, repeats):
+    """Per-task cost (µs) of trivial stages: shardpipe vs the Python loop."""
+    model = nn.Sequential(*[nn.Identity() for _ in range(stages)])
+    devices = [device] * stages
+    pipe = sp.Pipeline(model, devices, chunks=chunks, balance=[1] * stages)
+    x = torch.randn(chunks, 4, device=device)
+    tasks = stages * chunks
+    with torch.no_grad():
+        ours, _ = timed(lambda: pipe(x), repeats)
+        loop, _ = timed(lambda: tutorial_loop(pipe.stages, devices, x, chunks), repeats)
+    pipe.close()
+    return ours / tasks * 1e6, loop / tasks * 1e6
+
+
+def block(width, depth):
+    return nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())])
+
+
+def efficiency(width, depth, batch, chunks, repeats, trace_path=None):
+    """Two CPU stages of equal cost, one intra-op thread each, against one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(block(width, depth), block(width, depth))
+        x = torch.randn(batch, width)
+        target = torch.randn(batch, width)
+        loss_fn = nn.functional.mse_loss
+
+        def sequential_train():
+            loss_fn(model(x), target).backward()
+
+        pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=chunks, balance=[1, 1], schedule="1f1b")
+        with torch.no_grad():
+            seq_fwd, _ = timed(lambda: model(x), repeats)
+            pipe_fwd, _ = timed(lambda: pipe(x), repeats)
+        seq_train, _ = timed(sequential_train, repeats)
+        pipe_train, _ = timed(lambda: pipe.train_step(x, target, loss_fn), repeats)
+        bubble = None
+        if trace_path:
+            with pipe.record_trace() as trace:
+                pipe.train_step(x, target, loss_fn)
+            bubble = trace.bubble_fraction()
+            trace.save(trace_path + ".json")
+            gantt(trace, trace_path + ".png", f"1F1B, 2 CPU stages, {chunks} micro-batches")
+        pipe.close()
+        return seq_fwd / pipe_fwd, seq_train / pipe_train, bubble
+    finally:
+        torch.set_num_threads(threads)
+
+
+def gantt(trace, path, title):
+    """Write the trace as a Gantt chart: one row per worker, one bar per task."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    start = min(e["start_us"] for e in trace.events)
+    workers = sorted({e["worker"] for e in trace.events})
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(workers)))
+    for e in trace.events:
+        color = "tab:blue" if e["phase"] == "forward" else "tab:orange"
+        left = (e["start_us"] - start) / 1e3
+        width = (e["end_us"] - e["start_us"]) / 1e3
+        ax.barh(e["worker"], width, left=left, color=color, edgecolor="black", linewidth=0.3)
+        ax.text(left + width / 2, e["worker"], str(e["micro_batch"]), ha="center", va="center",
+                fontsize=7, color="white")
+    ax.set_yticks(workers, [f"stage {w}" for w in workers])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms (blue: forward, orange: backward)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (for tests)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = parser.parse_args()
+    repeats = args.repeats or (3 if args.quick else 10)
+    os.makedirs(args.out, exist_ok=True)
+
+    rows = []
+    for stages, chunks in ([(2, 4)] if args.quick else [(2, 8), (4, 8), (4, 32)]):
+        ours, loop = overhead("cpu", stages, chunks, repeats)
+        rows.append((f"per-task cost, {stages} cpu stages x {chunks} mb (us)", ours, loop,
+                     loop / ours))
+    if torch.cuda.is_available():
+        ours, loop = overhead("cuda:0", 2, 8, repeats)
+        rows.append(("per-task cost, 2 stages on cuda:0 x 8 mb (us)", ours, loop, loop / ours))
+
+    width, depth, batch = (128, 2, 64) if args.quick else (1024, 4, 512)
+    chunks = 8
+    fwd, train, bubble = efficiency(width, depth, batch, chunks, repeats,
+                                    trace_path=os.path.join(args.out, "pipeline_timeline"))
+    ideal = 2 * chunks / (chunks + 1)
+    rows.append(("2 cpu stages, forward: speed-up vs 1 thread", fwd, ideal, fwd / ideal))
+    rows.append(("2 cpu stages, train_step 1f1b: speed-up", train, ideal, train / ideal))
+
+    print(f"{'measure':<52} {'shardpipe':>10} {'baseline':>10} {'ratio':>7}")
+    for name, ours, base, ratio in rows:
+        print(f"{name:<52} {ours:>10.2f} {base:>10.2f} {ratio:>7.2f}")
+    print("per-task rows: baseline = hand-written Python micro-batch loop; ratio = loop/shardpipe")
+    print(f"speed-up rows: baseline = ideal p*m/(m+p-1) = {ideal:.2f}; ratio = share of ideal")
+    if bubble is not None:
+        print(f"measured bubble fraction (1f1b, {chunks} mb): {bubble:.2f}; timeline in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
