@@ -556,7 +556,9 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
 
   std::vector<at::Tensor> result(step.input_devices.size());
   const at::Device first = options_.devices[0];
-  wait_stream(current_stream(first), streams_[0]);
+  auto here = current_stream(first);
+  wait_stream(here, streams_[0]);
+  for (const auto& g : step.input_grads) record_on(g, here);
   for (size_t k = 0; k < result.size(); ++k) {
     if (!step.input_requires_grad[k]) continue;
     std::vector<at::Tensor> pieces;
@@ -608,13 +610,17 @@ at::Tensor Engine::train_step(const Activations& inputs, const std::vector<bool>
   step->losses.resize(m);
   execute(*step, make_schedule(options_.schedule, S, m, options_.workers), std::nullopt);
 
-  wait_stream(current_stream(last), streams_[S - 1]);
+  auto here = current_stream(last);
+  wait_stream(here, streams_[S - 1]);
+  record_on(step->losses, here);
   at::Tensor total = at::stack(step->losses).sum();
 
   // Gradients of the inputs travel on into whatever produced them.
   std::vector<at::Tensor> roots, grads;
   const at::Device first = options_.devices[0];
-  wait_stream(current_stream(first), streams_[0]);
+  auto first_here = current_stream(first);
+  wait_stream(first_here, streams_[0]);
+  for (const auto& g : step->input_grads) record_on(g, first_here);
   for (size_t k = 0; k < inputs.size(); ++k) {
     if (!step->input_requires_grad[k]) continue;
     std::vector<at::Tensor> parts;
