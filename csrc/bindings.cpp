@@ -3,6 +3,8 @@
 // module is what makes torch.ops.shardpipe.* appear.
 #include <torch/extension.h>
 
+#include "shardpipe/balance.h"
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
@@ -17,4 +19,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
       },
       "Whether this build of shardpipe compiled its CUDA sources.");
+  // std::invalid_argument from the core arrives in Python as ValueError.
+  m.def("balance_partition", &shardpipe::balance_partition, py::arg("costs"), py::arg("partitions"),
+        "Group sizes splitting `costs` into `partitions` contiguous groups with the smallest "
+        "largest group cost (ties: most even sizes, then lexicographically smallest).");
 }
