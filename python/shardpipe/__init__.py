@@ -3,13 +3,18 @@
 The public surface at a glance:
 
 - ``copy_to(x, device, non_blocking=True)``: async, differentiable device copies.
+- ``sequentialize(model)``: a model as an ``nn.Sequential`` of its own blocks, same keys.
+- ``balance_by_time(model, sample, partitions)`` / ``balance_by_size(...)``: children per
+  pipeline stage, minimising the slowest / largest stage.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.shardpipe.*)
 from . import _fake  # noqa: F401
+from .balance import balance_by_size, balance_by_time
 from .copy import copy_to
+from .sequentialize import sequentialize
 
-__all__ = ["copy_to"]
+__all__ = ["balance_by_size", "balance_by_time", "copy_to", "sequentialize"]
 __version__ = "0.1.0"
