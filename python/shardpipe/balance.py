@@ -95,7 +95,7 @@ def balance_by_size(model, sample, partitions, device=None, param_scale=2.0):
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4096), nn.Linear(4096, 8),
         ...                       nn.ReLU(), nn.Linear(8, 8))
         >>> shardpipe.balance_by_size(model, torch.rand(4, 8), partitions=3)
-        [1, 1, 3]
+        [2, 1, 2]
     """
     if not isinstance(param_scale, (int, float)) or isinstance(param_scale, bool):
         raise TypeError(f"param_scale must be a number, got {type(param_scale).__name__}")

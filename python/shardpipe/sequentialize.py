@@ -91,13 +91,21 @@ def sequentialize(model):
     - Any other model: its forward is traced with ``torch.fx`` (top-level children, and the
       elements of top-level ``ModuleList``/``ModuleDict``, are not traced into) and cut
       wherever exactly one value flows from one operation to the rest. A top-level module
-      is never split across children, so that its keys keep their prefix; several
-      top-level modules that cannot be separated become one child and their keys get its
-      name as a prefix (a warning lists them). Python-level branches, e.g. on
-      ``self.training``, are fixed as they are when ``sequentialize`` is called.
+      is never split across children, so that its keys keep their prefix; glue around it
+      (a residual add) joins its child, whose forward is then traced into. Modules that
+      cannot get a child of their own (several whose results meet, one called with
+      several arguments) share one, and their keys get its name as a prefix; a warning
+      says so. Python-level branches, e.g. on ``self.training``, are fixed as they are
+      when ``sequentialize`` is called.
 
     Granularity follows the model's top-level attributes: a ``features`` block stays one
     child (its keys ``features.0...`` need the name ``features``).
+
+    Parameters and buffers that the model registers on itself (ViT's ``class_token``) are
+    registered on the ``Sequential`` under the same name, which keeps their keys; the child
+    that uses them holds them as well (so they move with it) but leaves them out of its own
+    ``state_dict``. Whoever splits the ``Sequential`` into stages must keep
+    ``named_parameters(recurse=False)`` / ``named_buffers(recurse=False)`` of it.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or its forward cannot be cut into a
@@ -231,6 +239,11 @@ def _keep_current(module, state_dict, prefix, *args, keys):
 
 def _assemble(model, children, root_tensors):
     seq = nn.Sequential(OrderedDict(children))
+    # Glue made here follows the model's mode; the model's own modules keep theirs.
+    known = {id(m) for m in model.modules()}
+    for child in seq.children():
+        if id(child) not in known:
+            child.training = model.training
     for name, tensor in root_tensors.items():
         if isinstance(tensor, nn.Parameter):
             seq.register_parameter(name, tensor)
@@ -320,6 +333,7 @@ def _trace(model):
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as err:
+        _forget(model, set(vars(model)) - before)
         if tracer.tracing:
             path = tracer.tracing[-1]
             where = f"the forward of {path} ({type(model.get_submodule(path)).__name__})"
@@ -328,10 +342,20 @@ def _trace(model):
         raise _cannot_split(
             model, f"torch.fx could not trace {where} ({type(err).__name__}: {err})"
         ) from err
-    # Tensor constants met while tracing were set on the model; the partitions keep them.
+    # Tensor constants met while tracing were set on the model: the caller removes them
+    # once the partitions hold them.
     created = set(vars(model)) - before
-    _drop_specialized_inputs(model, graph)
+    try:
+        _drop_specialized_inputs(model, graph)
+    except TypeError:
+        _forget(model, created)
+        raise
     return graph, created
+
+
+def _forget(module, attrs):
+    for attr in attrs:
+        delattr(module, attr)
 
 
 # Nodes that only check an argument fixed by concrete_args.
@@ -403,11 +427,12 @@ def _split_with_fx(model):
     root_state.update(model.named_buffers(recurse=False))
     root_tensors = {}
     built = []
-    for group, value_in, value_out in zip(groups, inputs, outputs):
-        built.append(_build_child(model, group, value_in, value_out, root_state, created))
-        root_tensors.update(built[-1][3])
-    for attr in created:
-        delattr(model, attr)
+    try:
+        for group, value_in, value_out in zip(groups, inputs, outputs):
+            built.append(_build_child(model, group, value_in, value_out, root_state, created))
+            root_tensors.update(built[-1][3])
+    finally:
+        _forget(model, created)
 
     # Children whose name carries the model's keys keep it; the others are named around them.
     taken = set(root_tensors) | {name for name, _, kind, _ in built if kind == "model"}
@@ -441,8 +466,9 @@ def _alive_value(ops, cut, source, output):
 
 
 def _unique(name, taken):
+    # Not a name nn.Sequential already has (fx names nodes after methods: "float", "to").
     candidate, k = name, 1
-    while candidate in taken:
+    while candidate in taken or hasattr(nn.Sequential, candidate):
         k += 1
         candidate = f"{name}_{k}"
     return candidate
@@ -452,8 +478,8 @@ def _build_child(model, group, value_in, value_out, root_state, created):
     """``(name, module, kind, root_tensors)`` for one group of fx nodes.
 
     kind: "model" (the name is a top-level name of the model and the module carries exactly
-    its keys), "glue" (no state of the model; the name is free) or "merged" (several
-    top-level modules in one child; their keys get its name as a prefix).
+    its keys), "glue" (no state of the model; the name is free) or "merged" (top-level
+    modules that could not be given their own child; their keys get its name as a prefix).
     ``root_tensors``: the model's root-level parameters and buffers the group reads.
     """
     attrs = []  # get_attr nodes the group reads, in order
@@ -526,7 +552,7 @@ def _graph_module(model, group, attrs, value_in, value_out, base, foreign):
         env[node] = graph.node_copy(node, env.__getitem__)
         if node.op == "call_module":
             env[node].target = retarget(node.target)
-            objects[env[node].target] = model.get_submodule(node.target)
+            objects[env[node].target] = (model.get_submodule(node.target), True)
     graph.output(fx.node.map_arg(value_out, env.__getitem__))
 
     if base:
@@ -534,8 +560,8 @@ def _graph_module(model, group, attrs, value_in, value_out, base, foreign):
         if any(_first_name(t) in own for t in objects if _first_name(t) in foreign):
             return None  # a root-level name clashes with one of the base module's
     holder = nn.Module()
-    for target, obj in objects.items():
-        _install(holder, target, obj)
+    for target, resolved in objects.items():
+        _install(holder, target, resolved)
     module = fx.GraphModule(holder, graph, class_name=f"{type(model).__name__}Part")
     if base:
         # The base module's own state, so that unused parts keep their keys too.
@@ -551,8 +577,6 @@ def _graph_module(model, group, attrs, value_in, value_out, base, foreign):
     else:
         hidden = [k for k in module.state_dict() if _first_name(k) in foreign]
     _hide_from_state_dict(module, hidden)
-    # Only the new module's own flag: the children are the model's and keep theirs.
-    module.training = model.training if base is None else base_module.training
     return module
 
 
@@ -566,34 +590,42 @@ def _inline(graph, base_module, call, env, objects):
         return None
     try:
         placeholder = next(n for n in sub.nodes if n.op == "placeholder")
-        val_map = {placeholder: env[call.args[0]]}
-        result = graph.graph_copy(sub, val_map)
+        result = graph.graph_copy(sub, {placeholder: env[call.args[0]]})
         for node in sub.nodes:
             if node.op in ("call_module", "get_attr"):
                 obj = _resolve(base_module, node.target)
-                if objects.setdefault(node.target, obj) is not obj:
+                if objects.setdefault(node.target, obj)[0] is not obj[0]:
                     return None  # e.g. its fx constants clash with the model's
         return result
     finally:
-        for attr in created:
-            delattr(base_module, attr)
+        _forget(base_module, created)
 
 
 def _resolve(model, target):
-    owner, _, name = target.rpartition(".")
-    return getattr(model.get_submodule(owner), name)
+    """``(object, persistent)`` for an attribute path; persistent matters for buffers."""
+    path, _, name = target.rpartition(".")
+    owner = model.get_submodule(path)
+    return getattr(owner, name), name not in owner._non_persistent_buffers_set
 
 
-def _install(holder, target, obj):
+def _install(holder, target, resolved):
+    """Put ``resolved`` at ``target`` under ``holder``, creating containers on the way.
+
+    Paths may run through the model's own modules (installed for another target); those
+    already hold the object and are left unchanged.
+    """
+    obj, persistent = resolved
     path, _, name = target.rpartition(".")
     for item in path.split(".") if path else []:
-        if not hasattr(holder, item):
+        if getattr(holder, item, None) is None:
             holder.add_module(item, nn.Module())
         holder = getattr(holder, item)
+    if getattr(holder, name, None) is obj:
+        return
     if isinstance(obj, nn.Parameter):
         holder.register_parameter(name, obj)
     elif isinstance(obj, torch.Tensor):
-        holder.register_buffer(name, obj)
+        holder.register_buffer(name, obj, persistent=persistent)
     else:
         holder.add_module(name, obj)
 
@@ -608,8 +640,10 @@ def _warn_about_keys(model, seq, renamed):
         parts = []
         if renamed:
             parts.append(
-                f"children {renamed} each hold several top-level modules of the model that "
-                "its forward does not separate, so their keys carry the child's name as a prefix"
+                f"children {renamed} hold top-level modules of the model together with work "
+                "their forward does not let apart (several modules whose results meet, or a "
+                "module called with several arguments), so their keys get the child's name "
+                "as an extra prefix"
             )
         if missing:
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")

@@ -203,6 +203,7 @@ class Block(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
+        self.register_buffer("shift", torch.full((dim,), 0.1), persistent=False)
 
     def forward(self, x):
         return self.norm(F.gelu(self.fc(x)))
@@ -227,7 +228,7 @@ class Custom(nn.Module):
         x = self.stem(x - self.mean)
         x = F.relu(x) * self.scale
         x = F.adaptive_avg_pool2d(x, 4).flatten(1)
-        x = x + self.res(x)
+        x = x + self.res(x) + self.res.shift
         for block in self.blocks:
             x = block(x)
         if return_features:
@@ -247,7 +248,9 @@ def test_fx_split_of_a_custom_model():
     assert len(names) > 6
     assert seq.stem is model.stem and seq.head is model.head
     assert seq.scale is model.scale and seq.mean is model.mean
-    assert not hasattr(model, "_tensor_constant0")  # tracing leaves the model as it was
+    # Tracing and splitting leave the model as it was.
+    assert not hasattr(model, "_tensor_constant0")
+    assert model.res._non_persistent_buffers_set == {"shift"}
     check_same_keys(model, seq)
 
     x = images(size=8)
