@@ -6,6 +6,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
+#include "shardpipe/balance.h"
 #include "shardpipe/checkpoint.h"
 #include "shardpipe/engine.h"
 #include "shardpipe/schedule.h"
@@ -160,6 +161,11 @@ PYBIND11_MODULE(_C, m) {
 #endif
       },
       "Whether this build of shardpipe compiled its CUDA sources.");
+
+  // std::invalid_argument from the core arrives in Python as ValueError.
+  m.def("balance_partition", &shardpipe::balance_partition, py::arg("costs"), py::arg("partitions"),
+        "Group sizes splitting `costs` into `partitions` contiguous groups with the smallest "
+        "largest group cost (ties: most even sizes, then lexicographically smallest).");
 
   m.def("is_recomputing", &shardpipe::is_recomputing,
         "True while this thread recomputes a checkpointed forward.");
