@@ -40,8 +40,8 @@ def _row_parallel_linear_fake(xs, weights, bias, input_is_parallel, output_devic
 def _row_parallel_linear_backward_fake(grad, xs, weights, has_bias, input_is_parallel, output_mask):
     input_grads = [torch.empty_like(x) for x in xs] if output_mask[0] else []
     weight_grads = [torch.empty_like(w) for w in weights] if output_mask[1] else []
-    bias_grad = _with_last_dim(grad, grad.shape[-1]).new_empty(grad.shape[-1])
-    return input_grads, weight_grads, bias_grad if output_mask[2] and has_bias else None
+    bias_grad = grad.new_empty(grad.shape[-1]) if output_mask[2] and has_bias else None
+    return input_grads, weight_grads, bias_grad
 
 
 @torch.library.register_fake("shardpipe::column_parallel_linear_group")
