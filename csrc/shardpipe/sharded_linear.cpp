@@ -407,6 +407,42 @@ bool any_needed(AutogradContext* ctx, size_t begin, size_t end) {
   return false;
 }
 
+// The group layers' autograd, shared: input edges x, weight, bias (when given).
+at::Tensor group_forward(const c10::TypedOperatorHandle<GroupForward>& op, AutogradContext* ctx,
+                         const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, bool flag,
+                         at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
+                         bool overlap) {
+  ctx->save_for_backward({x, weight});
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+  ctx->saved_data["flag"] = flag;
+  ctx->saved_data["shard_sizes"] = shard_sizes.vec();
+  ctx->saved_data["rank"] = rank;
+  ctx->saved_data["group_name"] = std::string(group_name);
+  ctx->saved_data["overlap"] = overlap;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, weight, bias, flag, shard_sizes, rank, group_name, overlap);
+}
+
+variable_list group_backward(const c10::TypedOperatorHandle<GroupBackward>& op,
+                             AutogradContext* ctx, const variable_list& grads) {
+  auto saved = ctx->get_saved_variables();
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  const Mask mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                  has_bias && ctx->needs_input_grad(2)};
+  const auto sizes = ctx->saved_data["shard_sizes"].toIntVector();
+  const auto group_name = ctx->saved_data["group_name"].toStringRef();
+  auto [input_grad, weight_grad, bias_grad] =
+      op.call(grads[0], saved[0], saved[1], has_bias, ctx->saved_data["flag"].toBool(), sizes,
+              ctx->saved_data["rank"].toInt(), group_name, ctx->saved_data["overlap"].toBool(),
+              mask);
+  // x, weight, bias, flag, shard_sizes, rank, group_name, overlap
+  return {input_grad, weight_grad, bias_grad, {}, {}, {}, {}, {}};
+}
+
+}  // namespace
+
+// Outside the anonymous namespace: autograd names a node after its class (grad_fn shows it).
 // Input edges: x, weights[0..n), biases[0..n) (when given).
 class ColumnParallelLinearFunction : public torch::autograd::Function<ColumnParallelLinearFunction> {
  public:
@@ -486,44 +522,37 @@ class RowParallelLinearFunction : public torch::autograd::Function<RowParallelLi
   }
 };
 
-// Input edges: x, weight, bias (when given). Both group layers share it: `Forward`/`Backward`
-// pick the operators.
-template <const c10::TypedOperatorHandle<GroupForward>& (*Forward)(),
-          const c10::TypedOperatorHandle<GroupBackward>& (*Backward)()>
-class GroupLinearFunction : public torch::autograd::Function<GroupLinearFunction<Forward, Backward>> {
+class ColumnParallelLinearGroupFunction
+    : public torch::autograd::Function<ColumnParallelLinearGroupFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, bool flag,
+                            const std::optional<at::Tensor>& bias, bool gather_output,
                             at::IntArrayRef shard_sizes, int64_t rank,
                             c10::string_view group_name, bool overlap) {
-    ctx->save_for_backward({x, weight});
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["flag"] = flag;
-    ctx->saved_data["shard_sizes"] = shard_sizes.vec();
-    ctx->saved_data["rank"] = rank;
-    ctx->saved_data["group_name"] = std::string(group_name);
-    ctx->saved_data["overlap"] = overlap;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return Forward().call(x, weight, bias, flag, shard_sizes, rank, group_name, overlap);
+    return group_forward(column_group_op(), ctx, x, weight, bias, gather_output, shard_sizes,
+                         rank, group_name, overlap);
   }
-
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const Mask mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                    has_bias && ctx->needs_input_grad(2)};
-    const auto sizes = ctx->saved_data["shard_sizes"].toIntVector();
-    const auto group_name = ctx->saved_data["group_name"].toStringRef();
-    auto [input_grad, weight_grad, bias_grad] = Backward().call(
-        grads[0], saved[0], saved[1], has_bias, ctx->saved_data["flag"].toBool(), sizes,
-        ctx->saved_data["rank"].toInt(), group_name, ctx->saved_data["overlap"].toBool(), mask);
-    // x, weight, bias, flag, shard_sizes, rank, group_name, overlap
-    return {input_grad, weight_grad, bias_grad, {}, {}, {}, {}, {}};
+    return group_backward(column_group_backward_op(), ctx, grads);
   }
 };
 
-using ColumnGroupFunction = GroupLinearFunction<column_group_op, column_group_backward_op>;
-using RowGroupFunction = GroupLinearFunction<row_group_op, row_group_backward_op>;
+class RowParallelLinearGroupFunction
+    : public torch::autograd::Function<RowParallelLinearGroupFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, bool input_is_parallel,
+                            at::IntArrayRef shard_sizes, int64_t rank,
+                            c10::string_view group_name, bool overlap) {
+    return group_forward(row_group_op(), ctx, x, weight, bias, input_is_parallel, shard_sizes,
+                         rank, group_name, overlap);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return group_backward(row_group_backward_op(), ctx, grads);
+  }
+};
+
+namespace {
 
 std::vector<at::Tensor> column_parallel_linear_autograd(const at::Tensor& x, at::TensorList weights,
                                                         at::TensorList biases, bool gather_output) {
@@ -541,7 +570,7 @@ at::Tensor column_parallel_linear_group_autograd(const at::Tensor& x, const at::
                                                  bool gather_output, at::IntArrayRef shard_sizes,
                                                  int64_t rank, c10::string_view group_name,
                                                  bool overlap) {
-  return ColumnGroupFunction::apply(x, weight, bias, gather_output, shard_sizes, rank, group_name,
+  return ColumnParallelLinearGroupFunction::apply(x, weight, bias, gather_output, shard_sizes, rank, group_name,
                                     overlap);
 }
 
@@ -550,7 +579,7 @@ at::Tensor row_parallel_linear_group_autograd(const at::Tensor& x, const at::Ten
                                               bool input_is_parallel, at::IntArrayRef shard_sizes,
                                               int64_t rank, c10::string_view group_name,
                                               bool overlap) {
-  return RowGroupFunction::apply(x, weight, bias, input_is_parallel, shard_sizes, rank, group_name,
+  return RowParallelLinearGroupFunction::apply(x, weight, bias, input_is_parallel, shard_sizes, rank, group_name,
                                  overlap);
 }
 

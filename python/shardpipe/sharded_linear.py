@@ -257,8 +257,10 @@ class _ParallelLinear(nn.Module):
         widest = max(self.shard_sizes)
         padded = mine.new_zeros((widest, *mine.shape[1:]))
         padded[: mine.shape[0]] = mine
-        everyone = mine.new_empty((p.num_shards * widest, *mine.shape[1:]))
-        dist.all_gather_into_tensor(everyone, padded.contiguous(), group=p.group)
+        functional = torch.ops._c10d_functional
+        everyone = functional.wait_tensor(
+            functional.all_gather_into_tensor(padded.contiguous(), p.num_shards, p.group_name)
+        )
         pieces = everyone.split(widest)
         full = torch.cat([piece[:size] for piece, size in zip(pieces, self.shard_sizes)])
         return full.movedim(0, dim).contiguous()

@@ -27,6 +27,8 @@ _SHARDWISE = {
     aten.fill_.Scalar,
     aten.zero_.default,
     aten.native_dropout.default,
+    aten.bernoulli.p,
+    aten.bernoulli_.float,  # dropout of a tensor subclass draws its mask with this
     aten._to_copy.default,
 }
 # Keyword arguments that would move or re-lay a shard instead of acting on its elements.
