@@ -132,7 +132,7 @@ TEST_P(ShardCount, ColumnThenRowIsTheMlp) {
   for (const auto& w : w1s) EXPECT_TRUE(w.grad().defined());
 }
 
-TEST_P(ShardCount, GroupOfOneIsLocal) {
+TEST(ShardedLinear, GroupOfOneIsLocal) {
   // A process group of one rank needs no communication: the group operators are at::linear.
   auto ref = make_reference({3, 5}, 4);
   const std::vector<int64_t> sizes{4};
