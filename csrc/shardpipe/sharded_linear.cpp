@@ -83,8 +83,8 @@ void check_input(const char* op, const at::Tensor& x, const at::Tensor& weight, 
   TORCH_CHECK(x.dim() >= 1, op, ": input must have at least one dim, got a scalar");
   TORCH_CHECK(x.size(-1) == width, op, ": ", what, " has last dim ", x.size(-1), ", expected ",
               width);
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": input has dtype ",
-              x.scalar_type(), " but the weight has ", weight.scalar_type());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": input has dtype ", x.scalar_type(),
+              " but the weight has ", weight.scalar_type());
 }
 
 void check_group(const char* op, at::IntArrayRef sizes, int64_t rank) {
@@ -139,8 +139,8 @@ column_parallel_linear_backward_kernel(at::TensorList grads, const at::Tensor& x
   std::vector<at::Tensor> bias_grads(mask[2] && has_bias ? n : 0);
   run_on_shards(n, devices_of(weights, {x.device(), grads[0].device()}), [&](int64_t i) {
     const auto device = weights[i].device();
-    auto g = on_device(gather_output ? grads[0].narrow(-1, offsets[i], sizes[i]) : grads[i],
-                       device);
+    auto g =
+        on_device(gather_output ? grads[0].narrow(-1, offsets[i], sizes[i]) : grads[i], device);
     // The input gradient first, so that (on CUDA) its copy to x's device runs on the copy
     // stream while this shard computes its weight gradient.
     if (mask[0]) input_parts[i] = on_device(linear_input_grad(g, weights[i]), x.device());
@@ -166,8 +166,9 @@ void check_row_inputs(const char* op, at::TensorList xs, at::TensorList weights,
                 weights[i].size(0), " output features, shard 0 has ", weights[0].size(0));
   }
   if (input_is_parallel) {
-    TORCH_CHECK(xs.size() == n, op, ": input_is_parallel needs one input shard per weight shard, got ",
-                xs.size(), " for ", n);
+    TORCH_CHECK(xs.size() == n, op,
+                ": input_is_parallel needs one input shard per weight shard, got ", xs.size(),
+                " for ", n);
     for (size_t i = 0; i < n; ++i) {
       check_input(op, xs[i], weights[i], weights[i].size(1), "input shard");
     }
@@ -180,8 +181,8 @@ void check_row_inputs(const char* op, at::TensorList xs, at::TensorList weights,
 }
 
 at::Tensor row_parallel_linear_kernel(at::TensorList xs, at::TensorList weights,
-                                      const std::optional<at::Tensor>& bias,
-                                      bool input_is_parallel, at::Device output_device) {
+                                      const std::optional<at::Tensor>& bias, bool input_is_parallel,
+                                      at::Device output_device) {
   check_row_inputs("row_parallel_linear", xs, weights, input_is_parallel);
   const auto n = static_cast<int64_t>(weights.size());
   std::vector<int64_t> sizes;
@@ -231,9 +232,9 @@ row_parallel_linear_backward_kernel(const at::Tensor& grad, at::TensorList xs,
   });
   std::vector<at::Tensor> input_grads;
   if (mask[0]) {
-    input_grads = input_is_parallel ? input_parts
-                                    : std::vector<at::Tensor>{n == 1 ? input_parts[0]
-                                                                     : at::cat(input_parts, -1)};
+    input_grads = input_is_parallel
+                      ? input_parts
+                      : std::vector<at::Tensor>{n == 1 ? input_parts[0] : at::cat(input_parts, -1)};
   }
   at::Tensor bias_grad = mask[2] && has_bias ? linear_bias_grad(grad) : at::Tensor();
   return {input_grads, weight_grads, bias_grad};
@@ -249,8 +250,8 @@ at::Tensor column_parallel_linear_group_kernel(const at::Tensor& x, const at::Te
   const char* op = "column_parallel_linear_group";
   check_group(op, shard_sizes, rank);
   check_weights(op, weight);
-  TORCH_CHECK(weight.size(0) == shard_sizes[rank], op, ": rank ", rank, " holds ",
-              weight.size(0), " output features, shard_sizes says ", shard_sizes[rank]);
+  TORCH_CHECK(weight.size(0) == shard_sizes[rank], op, ": rank ", rank, " holds ", weight.size(0),
+              " output features, shard_sizes says ", shard_sizes[rank]);
   check_input(op, x, weight, weight.size(1), "x");
   auto y = at::linear(x, weight, bias);
   if (!gather_output || shard_sizes.size() == 1) return y;
@@ -282,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_group_back
   return {input_grad.wait(), weight_grad, bias_grad};
 }
 
-at::Tensor row_local_input(const at::Tensor& x, bool input_is_parallel,
-                           at::IntArrayRef shard_sizes, int64_t rank) {
+at::Tensor row_local_input(const at::Tensor& x, bool input_is_parallel, at::IntArrayRef shard_sizes,
+                           int64_t rank) {
   if (input_is_parallel || shard_sizes.size() == 1) return x;
   return x.narrow(-1, shard_offsets(shard_sizes)[rank], shard_sizes[rank]);
 }
@@ -296,8 +297,8 @@ at::Tensor row_parallel_linear_group_kernel(const at::Tensor& x, const at::Tenso
   const char* op = "row_parallel_linear_group";
   check_group(op, shard_sizes, rank);
   check_weights(op, weight);
-  TORCH_CHECK(weight.size(1) == shard_sizes[rank], op, ": rank ", rank, " holds ",
-              weight.size(1), " input features, shard_sizes says ", shard_sizes[rank]);
+  TORCH_CHECK(weight.size(1) == shard_sizes[rank], op, ": rank ", rank, " holds ", weight.size(1),
+              " input features, shard_sizes says ", shard_sizes[rank]);
   if (input_is_parallel) {
     check_input(op, x, weight, shard_sizes[rank], "the input shard");
   } else {
@@ -312,8 +313,8 @@ at::Tensor row_parallel_linear_group_kernel(const at::Tensor& x, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_parallel_linear_group_backward_kernel(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
-    bool input_is_parallel, at::IntArrayRef shard_sizes, int64_t rank,
-    c10::string_view group_name, bool overlap, Mask mask) {
+    bool input_is_parallel, at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
+    bool overlap, Mask mask) {
   const char* op = "_row_parallel_linear_group_backward";
   check_group(op, shard_sizes, rank);
   const bool distributed = shard_sizes.size() > 1;
@@ -340,9 +341,9 @@ c10::OperatorHandle find_op(const char* name) {
 }
 
 const auto& column_op() {
-  static const auto op =
-      find_op("shardpipe::column_parallel_linear")
-          .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList, bool)>();
+  static const auto op = find_op("shardpipe::column_parallel_linear")
+                             .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList,
+                                                            at::TensorList, bool)>();
   return op;
 }
 
@@ -355,9 +356,10 @@ const auto& column_backward_op() {
 }
 
 const auto& row_op() {
-  static const auto op = find_op("shardpipe::row_parallel_linear")
-                             .typed<at::Tensor(at::TensorList, at::TensorList,
-                                               const std::optional<at::Tensor>&, bool, at::Device)>();
+  static const auto op =
+      find_op("shardpipe::row_parallel_linear")
+          .typed<at::Tensor(at::TensorList, at::TensorList, const std::optional<at::Tensor>&, bool,
+                            at::Device)>();
   return op;
 }
 
@@ -372,9 +374,11 @@ const auto& row_backward_op() {
 using GroupForward = at::Tensor(const at::Tensor&, const at::Tensor&,
                                 const std::optional<at::Tensor>&, bool, at::IntArrayRef, int64_t,
                                 c10::string_view, bool);
-using GroupBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool, at::IntArrayRef, int64_t,
-    c10::string_view, bool, Mask);
+using GroupBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                     const at::Tensor&,
+                                                                     const at::Tensor&, bool, bool,
+                                                                     at::IntArrayRef, int64_t,
+                                                                     c10::string_view, bool, Mask);
 
 const auto& column_group_op() {
   static const auto op = find_op("shardpipe::column_parallel_linear_group").typed<GroupForward>();
@@ -432,10 +436,9 @@ variable_list group_backward(const c10::TypedOperatorHandle<GroupBackward>& op,
                   has_bias && ctx->needs_input_grad(2)};
   const auto sizes = ctx->saved_data["shard_sizes"].toIntVector();
   const auto group_name = ctx->saved_data["group_name"].toStringRef();
-  auto [input_grad, weight_grad, bias_grad] =
-      op.call(grads[0], saved[0], saved[1], has_bias, ctx->saved_data["flag"].toBool(), sizes,
-              ctx->saved_data["rank"].toInt(), group_name, ctx->saved_data["overlap"].toBool(),
-              mask);
+  auto [input_grad, weight_grad, bias_grad] = op.call(
+      grads[0], saved[0], saved[1], has_bias, ctx->saved_data["flag"].toBool(), sizes,
+      ctx->saved_data["rank"].toInt(), group_name, ctx->saved_data["overlap"].toBool(), mask);
   // x, weight, bias, flag, shard_sizes, rank, group_name, overlap
   return {input_grad, weight_grad, bias_grad, {}, {}, {}, {}, {}};
 }
@@ -444,7 +447,8 @@ variable_list group_backward(const c10::TypedOperatorHandle<GroupBackward>& op,
 
 // Outside the anonymous namespace: autograd names a node after its class (grad_fn shows it).
 // Input edges: x, weights[0..n), biases[0..n) (when given).
-class ColumnParallelLinearFunction : public torch::autograd::Function<ColumnParallelLinearFunction> {
+class ColumnParallelLinearFunction
+    : public torch::autograd::Function<ColumnParallelLinearFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
                                at::TensorList biases, bool gather_output) {
@@ -504,9 +508,8 @@ class RowParallelLinearFunction : public torch::autograd::Function<RowParallelLi
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const Mask mask{any_needed(ctx, 0, k), any_needed(ctx, k, k + n),
                     has_bias && ctx->needs_input_grad(k + n)};
-    auto [input_grads, weight_grads, bias_grad] =
-        row_backward_op().call(grads[0], xs, weights, has_bias,
-                               ctx->saved_data["input_is_parallel"].toBool(), mask);
+    auto [input_grads, weight_grads, bias_grad] = row_backward_op().call(
+        grads[0], xs, weights, has_bias, ctx->saved_data["input_is_parallel"].toBool(), mask);
     variable_list result;
     for (size_t i = 0; i < k; ++i) result.push_back(mask[0] ? input_grads[i] : at::Tensor());
     for (size_t i = 0; i < n; ++i) result.push_back(mask[1] ? weight_grads[i] : at::Tensor());
@@ -527,10 +530,10 @@ class ColumnParallelLinearGroupFunction
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool gather_output,
-                            at::IntArrayRef shard_sizes, int64_t rank,
-                            c10::string_view group_name, bool overlap) {
-    return group_forward(column_group_op(), ctx, x, weight, bias, gather_output, shard_sizes,
-                         rank, group_name, overlap);
+                            at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
+                            bool overlap) {
+    return group_forward(column_group_op(), ctx, x, weight, bias, gather_output, shard_sizes, rank,
+                         group_name, overlap);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return group_backward(column_group_backward_op(), ctx, grads);
@@ -542,10 +545,10 @@ class RowParallelLinearGroupFunction
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool input_is_parallel,
-                            at::IntArrayRef shard_sizes, int64_t rank,
-                            c10::string_view group_name, bool overlap) {
-    return group_forward(row_group_op(), ctx, x, weight, bias, input_is_parallel, shard_sizes,
-                         rank, group_name, overlap);
+                            at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
+                            bool overlap) {
+    return group_forward(row_group_op(), ctx, x, weight, bias, input_is_parallel, shard_sizes, rank,
+                         group_name, overlap);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return group_backward(row_group_backward_op(), ctx, grads);
@@ -570,8 +573,8 @@ at::Tensor column_parallel_linear_group_autograd(const at::Tensor& x, const at::
                                                  bool gather_output, at::IntArrayRef shard_sizes,
                                                  int64_t rank, c10::string_view group_name,
                                                  bool overlap) {
-  return ColumnParallelLinearGroupFunction::apply(x, weight, bias, gather_output, shard_sizes, rank, group_name,
-                                    overlap);
+  return ColumnParallelLinearGroupFunction::apply(x, weight, bias, gather_output, shard_sizes, rank,
+                                                  group_name, overlap);
 }
 
 at::Tensor row_parallel_linear_group_autograd(const at::Tensor& x, const at::Tensor& weight,
@@ -579,8 +582,8 @@ at::Tensor row_parallel_linear_group_autograd(const at::Tensor& x, const at::Ten
                                               bool input_is_parallel, at::IntArrayRef shard_sizes,
                                               int64_t rank, c10::string_view group_name,
                                               bool overlap) {
-  return RowParallelLinearGroupFunction::apply(x, weight, bias, input_is_parallel, shard_sizes, rank, group_name,
-                                 overlap);
+  return RowParallelLinearGroupFunction::apply(x, weight, bias, input_is_parallel, shard_sizes,
+                                               rank, group_name, overlap);
 }
 
 }  // namespace
@@ -599,18 +602,17 @@ at::Tensor row_parallel_linear(at::TensorList xs, at::TensorList weights,
 }
 
 at::Tensor column_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
-                                        const std::optional<at::Tensor>& bias,
-                                        bool gather_output, at::IntArrayRef shard_sizes,
-                                        int64_t rank, const std::string& group_name,
-                                        bool overlap) {
+                                        const std::optional<at::Tensor>& bias, bool gather_output,
+                                        at::IntArrayRef shard_sizes, int64_t rank,
+                                        const std::string& group_name, bool overlap) {
   return column_group_op().call(x, weight, bias, gather_output, shard_sizes, rank, group_name,
                                 overlap);
 }
 
 at::Tensor row_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias,
-                                     bool input_is_parallel, at::IntArrayRef shard_sizes,
-                                     int64_t rank, const std::string& group_name, bool overlap) {
+                                     const std::optional<at::Tensor>& bias, bool input_is_parallel,
+                                     at::IntArrayRef shard_sizes, int64_t rank,
+                                     const std::string& group_name, bool overlap) {
   return row_group_op().call(x, weight, bias, input_is_parallel, shard_sizes, rank, group_name,
                              overlap);
 }

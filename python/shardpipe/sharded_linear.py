@@ -369,7 +369,9 @@ class _ParallelLinear(nn.Module):
             True
         """
         if not isinstance(sharded, dict):
-            raise TypeError(f"sharded must be a dict of lists of Shard, got {type(sharded).__name__}")
+            raise TypeError(
+                f"sharded must be a dict of lists of Shard, got {type(sharded).__name__}"
+            )
         for key, mine in self.sharded_state_dict(prefix).items():
             if key not in sharded:
                 raise ValueError(f"sharded has no entry {key!r}")

@@ -98,9 +98,9 @@ TEST_P(ShardCount, RowParallelMatchesLinear) {
     auto ref = make_reference({4, 7}, 5);
     auto weights = split_leaves(ref.weight, 1, n);
     auto bias = ref.bias.detach().clone().requires_grad_();
-    std::vector<torch::Tensor> xs = input_is_parallel
-                                        ? split_leaves(ref.x, 1, n)
-                                        : std::vector<torch::Tensor>{ref.x.detach().clone().requires_grad_()};
+    std::vector<torch::Tensor> xs =
+        input_is_parallel ? split_leaves(ref.x, 1, n)
+                          : std::vector<torch::Tensor>{ref.x.detach().clone().requires_grad_()};
     auto y = shardpipe::row_parallel_linear(xs, weights, bias, input_is_parallel, torch::kCPU);
     auto expected = torch::linear(ref.x, ref.weight, ref.bias);
     EXPECT_TRUE(torch::allclose(y, expected));
@@ -125,8 +125,7 @@ TEST_P(ShardCount, ColumnThenRowIsTheMlp) {
   auto w1s = split_leaves(w1, 0, n), b1s = split_leaves(b1, 0, n), w2s = split_leaves(w2, 1, n);
   auto hidden = shardpipe::column_parallel_linear(x, w1s, b1s, /*gather_output=*/false);
   for (auto& h : hidden) h = torch::relu(h);
-  auto y = shardpipe::row_parallel_linear(hidden, w2s, b2, /*input_is_parallel=*/true,
-                                          torch::kCPU);
+  auto y = shardpipe::row_parallel_linear(hidden, w2s, b2, /*input_is_parallel=*/true, torch::kCPU);
   EXPECT_TRUE(torch::allclose(y, expected));
   y.sum().backward();
   for (const auto& w : w1s) EXPECT_TRUE(w.grad().defined());
@@ -140,8 +139,8 @@ TEST(ShardedLinear, GroupOfOneIsLocal) {
                                                      "unused");
   EXPECT_TRUE(torch::equal(col, torch::linear(ref.x, ref.weight, ref.bias)));
   const std::vector<int64_t> in_sizes{5};
-  auto row = shardpipe::row_parallel_linear_group(ref.x, ref.weight, ref.bias, false, in_sizes,
-                                                  0, "unused");
+  auto row = shardpipe::row_parallel_linear_group(ref.x, ref.weight, ref.bias, false, in_sizes, 0,
+                                                  "unused");
   EXPECT_TRUE(torch::equal(row, torch::linear(ref.x, ref.weight, ref.bias)));
 }
 
@@ -174,9 +173,9 @@ TEST(ShardedLinear, WrongInputWidthIsAnError) {
     EXPECT_NE(std::string(e.what()).find("expected 6"), std::string::npos) << e.what();
   }
   auto row_weights = split_leaves(ref.weight, 1, 2);
-  EXPECT_THROW(shardpipe::row_parallel_linear({wide}, row_weights, std::nullopt, false,
-                                              torch::kCPU),
-               c10::Error);
+  EXPECT_THROW(
+      shardpipe::row_parallel_linear({wide}, row_weights, std::nullopt, false, torch::kCPU),
+      c10::Error);
 }
 
 TEST(RunOnShards, ShardsRunAtTheSameTime) {
