@@ -3,7 +3,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <functional>
 #include <numeric>
 #include <tuple>
 
@@ -242,20 +244,50 @@ row_parallel_linear_backward_kernel(const at::Tensor& grad, at::TensorList xs,
 
 // --- process group ---------------------------------------------------------------------------
 
+// The forward's communication in `chunks` pieces of the flattened batch: the collective of
+// piece k (started by `communicate`) runs in the group's background while piece k + 1 is
+// computed. One piece is the plain compute-then-communicate.
+at::Tensor in_chunks(const at::Tensor& x, int64_t chunks, int64_t out_width,
+                     const std::function<at::Tensor(const at::Tensor&)>& compute,
+                     const std::function<PendingCollective(at::Tensor)>& communicate) {
+  TORCH_CHECK(chunks >= 1, "chunks must be at least 1, got ", chunks);
+  auto rows = x.reshape({-1, x.size(-1)});
+  const int64_t n = rows.size(0);
+  const int64_t pieces = std::max<int64_t>(1, std::min(chunks, n));
+  if (pieces == 1) return communicate(compute(x)).wait();
+  std::vector<PendingCollective> pending;
+  int64_t start = 0;
+  for (int64_t k = 0; k < pieces; ++k) {
+    const int64_t len = n / pieces + (k < n % pieces ? 1 : 0);
+    pending.push_back(communicate(compute(rows.narrow(0, start, len))));
+    start += len;
+  }
+  std::vector<at::Tensor> done;
+  done.reserve(pieces);
+  for (auto& p : pending) done.push_back(p.wait());
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = out_width;
+  return at::cat(done, 0).view(out_shape);
+}
+
 at::Tensor column_parallel_linear_group_kernel(const at::Tensor& x, const at::Tensor& weight,
                                                const std::optional<at::Tensor>& bias,
                                                bool gather_output, at::IntArrayRef shard_sizes,
                                                int64_t rank, c10::string_view group_name,
-                                               bool /*overlap: backward only*/) {
+                                               bool /*overlap: backward only*/, int64_t chunks) {
   const char* op = "column_parallel_linear_group";
   check_group(op, shard_sizes, rank);
   check_weights(op, weight);
   TORCH_CHECK(weight.size(0) == shard_sizes[rank], op, ": rank ", rank, " holds ", weight.size(0),
               " output features, shard_sizes says ", shard_sizes[rank]);
   check_input(op, x, weight, weight.size(1), "x");
-  auto y = at::linear(x, weight, bias);
-  if (!gather_output || shard_sizes.size() == 1) return y;
-  return all_gather_last_dim(y, shard_sizes.vec(), std::string(group_name)).wait();
+  if (!gather_output || shard_sizes.size() == 1) return at::linear(x, weight, bias);
+  const auto sizes = shard_sizes.vec();
+  const std::string group(group_name);
+  return in_chunks(
+      x, chunks, total_of(shard_sizes),
+      [&](const at::Tensor& piece) { return at::linear(piece, weight, bias); },
+      [&](at::Tensor y) { return all_gather_last_dim(y, sizes, group); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_group_backward_kernel(
@@ -293,7 +325,7 @@ at::Tensor row_parallel_linear_group_kernel(const at::Tensor& x, const at::Tenso
                                             const std::optional<at::Tensor>& bias,
                                             bool input_is_parallel, at::IntArrayRef shard_sizes,
                                             int64_t rank, c10::string_view group_name,
-                                            bool /*overlap: backward only*/) {
+                                            bool /*overlap: backward only*/, int64_t chunks) {
   const char* op = "row_parallel_linear_group";
   check_group(op, shard_sizes, rank);
   check_weights(op, weight);
@@ -306,7 +338,11 @@ at::Tensor row_parallel_linear_group_kernel(const at::Tensor& x, const at::Tenso
   }
   auto local = row_local_input(x, input_is_parallel, shard_sizes, rank);
   if (shard_sizes.size() == 1) return at::linear(local, weight, bias);
-  auto y = all_reduce_sum(at::linear(local, weight), std::string(group_name)).wait();
+  const std::string group(group_name);
+  auto y = in_chunks(
+      local, chunks, weight.size(0),
+      [&](const at::Tensor& piece) { return at::linear(piece, weight); },
+      [&](at::Tensor partial) { return all_reduce_sum(std::move(partial), group); });
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;
 }
@@ -373,7 +409,7 @@ const auto& row_backward_op() {
 
 using GroupForward = at::Tensor(const at::Tensor&, const at::Tensor&,
                                 const std::optional<at::Tensor>&, bool, at::IntArrayRef, int64_t,
-                                c10::string_view, bool);
+                                c10::string_view, bool, int64_t);
 using GroupBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
                                                                      const at::Tensor&,
                                                                      const at::Tensor&, bool, bool,
@@ -416,7 +452,7 @@ at::Tensor group_forward(const c10::TypedOperatorHandle<GroupForward>& op, Autog
                          const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, bool flag,
                          at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
-                         bool overlap) {
+                         bool overlap, int64_t chunks) {
   ctx->save_for_backward({x, weight});
   ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
   ctx->saved_data["flag"] = flag;
@@ -425,7 +461,7 @@ at::Tensor group_forward(const c10::TypedOperatorHandle<GroupForward>& op, Autog
   ctx->saved_data["group_name"] = std::string(group_name);
   ctx->saved_data["overlap"] = overlap;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(x, weight, bias, flag, shard_sizes, rank, group_name, overlap);
+  return op.call(x, weight, bias, flag, shard_sizes, rank, group_name, overlap, chunks);
 }
 
 variable_list group_backward(const c10::TypedOperatorHandle<GroupBackward>& op,
@@ -439,8 +475,8 @@ variable_list group_backward(const c10::TypedOperatorHandle<GroupBackward>& op,
   auto [input_grad, weight_grad, bias_grad] = op.call(
       grads[0], saved[0], saved[1], has_bias, ctx->saved_data["flag"].toBool(), sizes,
       ctx->saved_data["rank"].toInt(), group_name, ctx->saved_data["overlap"].toBool(), mask);
-  // x, weight, bias, flag, shard_sizes, rank, group_name, overlap
-  return {input_grad, weight_grad, bias_grad, {}, {}, {}, {}, {}};
+  // x, weight, bias, flag, shard_sizes, rank, group_name, overlap, chunks
+  return {input_grad, weight_grad, bias_grad, {}, {}, {}, {}, {}, {}};
 }
 
 }  // namespace
@@ -531,9 +567,9 @@ class ColumnParallelLinearGroupFunction
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool gather_output,
                             at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
-                            bool overlap) {
+                            bool overlap, int64_t chunks) {
     return group_forward(column_group_op(), ctx, x, weight, bias, gather_output, shard_sizes, rank,
-                         group_name, overlap);
+                         group_name, overlap, chunks);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return group_backward(column_group_backward_op(), ctx, grads);
@@ -546,9 +582,9 @@ class RowParallelLinearGroupFunction
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool input_is_parallel,
                             at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
-                            bool overlap) {
+                            bool overlap, int64_t chunks) {
     return group_forward(row_group_op(), ctx, x, weight, bias, input_is_parallel, shard_sizes, rank,
-                         group_name, overlap);
+                         group_name, overlap, chunks);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return group_backward(row_group_backward_op(), ctx, grads);
@@ -572,18 +608,18 @@ at::Tensor column_parallel_linear_group_autograd(const at::Tensor& x, const at::
                                                  const std::optional<at::Tensor>& bias,
                                                  bool gather_output, at::IntArrayRef shard_sizes,
                                                  int64_t rank, c10::string_view group_name,
-                                                 bool overlap) {
+                                                 bool overlap, int64_t chunks) {
   return ColumnParallelLinearGroupFunction::apply(x, weight, bias, gather_output, shard_sizes, rank,
-                                                  group_name, overlap);
+                                                  group_name, overlap, chunks);
 }
 
 at::Tensor row_parallel_linear_group_autograd(const at::Tensor& x, const at::Tensor& weight,
                                               const std::optional<at::Tensor>& bias,
                                               bool input_is_parallel, at::IntArrayRef shard_sizes,
                                               int64_t rank, c10::string_view group_name,
-                                              bool overlap) {
+                                              bool overlap, int64_t chunks) {
   return RowParallelLinearGroupFunction::apply(x, weight, bias, input_is_parallel, shard_sizes,
-                                               rank, group_name, overlap);
+                                               rank, group_name, overlap, chunks);
 }
 
 }  // namespace
@@ -604,17 +640,18 @@ at::Tensor row_parallel_linear(at::TensorList xs, at::TensorList weights,
 at::Tensor column_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, bool gather_output,
                                         at::IntArrayRef shard_sizes, int64_t rank,
-                                        const std::string& group_name, bool overlap) {
+                                        const std::string& group_name, bool overlap,
+                                        int64_t chunks) {
   return column_group_op().call(x, weight, bias, gather_output, shard_sizes, rank, group_name,
-                                overlap);
+                                overlap, chunks);
 }
 
 at::Tensor row_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, bool input_is_parallel,
                                      at::IntArrayRef shard_sizes, int64_t rank,
-                                     const std::string& group_name, bool overlap) {
+                                     const std::string& group_name, bool overlap, int64_t chunks) {
   return row_group_op().call(x, weight, bias, input_is_parallel, shard_sizes, rank, group_name,
-                             overlap);
+                             overlap, chunks);
 }
 
 TORCH_LIBRARY_IMPL(shardpipe, CompositeExplicitAutograd, m) {

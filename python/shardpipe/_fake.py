@@ -46,14 +46,14 @@ def _row_parallel_linear_backward_fake(grad, xs, weights, has_bias, input_is_par
 
 @torch.library.register_fake("shardpipe::column_parallel_linear_group")
 def _column_parallel_linear_group_fake(
-    x, weight, bias, gather_output, shard_sizes, rank, group_name, overlap=True
+    x, weight, bias, gather_output, shard_sizes, rank, group_name, overlap=True, chunks=1
 ):
     return _with_last_dim(x, sum(shard_sizes) if gather_output else weight.shape[0])
 
 
 @torch.library.register_fake("shardpipe::row_parallel_linear_group")
 def _row_parallel_linear_group_fake(
-    x, weight, bias, input_is_parallel, shard_sizes, rank, group_name, overlap=True
+    x, weight, bias, input_is_parallel, shard_sizes, rank, group_name, overlap=True, chunks=1
 ):
     return _with_last_dim(x, weight.shape[0])
 

@@ -32,16 +32,16 @@ def _parse_style(pattern, style):
         if kind not in _STYLES:
             raise ValueError(f"plan[{pattern!r}]['style'] must be 'column' or 'row', got {kind!r}")
         cls, flag = _STYLES[kind]
-        unknown = set(options) - {flag}
+        unknown = set(options) - {flag, "chunks"}
         if unknown:
             raise ValueError(
                 f"plan[{pattern!r}] has unknown keys {sorted(unknown)}; a {kind!r} entry "
-                f"takes only 'style' and {flag!r}"
+                f"takes only 'style', {flag!r} and 'chunks'"
             )
         value = options.get(flag, kind == "row")
         if not isinstance(value, bool):
             raise TypeError(f"plan[{pattern!r}][{flag!r}] must be a bool, got {value!r}")
-        return cls, {flag: value}
+        return cls, {flag: value, "chunks": options.get("chunks", 1)}
     raise TypeError(
         f"plan[{pattern!r}] must be 'column', 'row' or a dict, got {type(style).__name__}"
     )
@@ -55,7 +55,8 @@ def parallelize(model, plan, *, devices=None, group=None):
 
     - ``"column"``: ``ColumnParallelLinear(gather_output=False)``, output left sharded;
     - ``"row"``: ``RowParallelLinear(input_is_parallel=True)``, takes a sharded input;
-    - a dict such as ``{"style": "column", "gather_output": True}`` to choose the flag.
+    - a dict such as ``{"style": "column", "gather_output": True}`` to choose the flag, and
+      optionally ``"chunks"`` (see ``RowParallelLinear``).
 
     So ``{"*.fc1": "column", "*.fc2": "row"}`` makes every MLP ``fc2(act(fc1(x)))``
     tensor-parallel with one reduction per forward (the activation between them must be

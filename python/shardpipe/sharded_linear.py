@@ -131,7 +131,8 @@ class _ParallelLinear(nn.Module):
     _bias_sharded = True
     _flag_name = ""  # gather_output / input_is_parallel
 
-    def _build(self, in_features, out_features, bias, flag, devices, group, dtype, source):
+    def _build(self, in_features, out_features, bias, flag, devices, group, dtype, chunks,
+               source):
         """Set the layer up; ``source`` is (weight, bias) to copy, or None to draw them."""
         cls = type(self).__name__
         self.in_features = _positive_int(in_features, "in_features")
@@ -139,6 +140,7 @@ class _ParallelLinear(nn.Module):
         _check_bool(bias, "bias")
         setattr(self, self._flag_name, _check_bool(flag, self._flag_name))
         dtype = _check_dtype(dtype)
+        self.chunks = _positive_int(chunks, "chunks")
         default_device = source[0].device if source is not None else torch.empty(0).device
         placement = _Placement(devices, group, default_device)
         split_total = self.out_features if self._split_dim == 0 else self.in_features
@@ -147,6 +149,11 @@ class _ParallelLinear(nn.Module):
             raise ValueError(
                 f"{cls} cannot split {split_name}={split_total} over {placement.num_shards} "
                 f"shards: there must be at most as many shards as {split_name}"
+            )
+        if chunks > 1 and placement.group is None:
+            raise ValueError(
+                f"chunks={chunks} needs group=: it pipelines the forward collective of a "
+                "process group; with devices= use chunks=1"
             )
         self._placement = placement
         if placement.group is not None:
@@ -427,6 +434,7 @@ class _ParallelLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self._has_bias}, {self._flag_name}={getattr(self, self._flag_name)}, "
             f"{where}, shard_sizes={self.shard_sizes}"
+            + (f", chunks={self.chunks}" if self.chunks > 1 else "")
         )
 
 
@@ -450,6 +458,9 @@ class ColumnParallelLinear(_ParallelLinear):
             on GPU). Inputs and outputs are ordinary tensors on this rank's device; a sharded
             output is this rank's slice.
         dtype: float32, float64, bfloat16 or float16 (default: torch's default dtype).
+        chunks: over a process group with ``gather_output=True``, split the batch (all dims
+            but the last, flattened) into this many pieces, so that the all-gather of one
+            piece runs while the next piece is multiplied. 1 (the default): one all-gather.
 
     ``out_features`` need not divide by the number of shards: shard sizes then differ by at
     most one, the first shards being the larger. Parameters are drawn as ``nn.Linear`` draws
@@ -470,12 +481,14 @@ class ColumnParallelLinear(_ParallelLinear):
     _flag_name = "gather_output"
 
     def __init__(self, in_features, out_features, bias=True, gather_output=True, devices=None,
-                 group=None, dtype=None):
+                 group=None, dtype=None, *, chunks=1):
         super().__init__()
-        self._build(in_features, out_features, bias, gather_output, devices, group, dtype, None)
+        self._build(
+            in_features, out_features, bias, gather_output, devices, group, dtype, chunks, None
+        )
 
     @classmethod
-    def from_linear(cls, linear, *, gather_output=True, devices=None, group=None):
+    def from_linear(cls, linear, *, gather_output=True, devices=None, group=None, chunks=1):
         """A column-parallel copy of ``linear`` (an ``nn.Linear``), split over shards.
 
         With neither ``devices`` nor ``group``: the default process group if one is
@@ -488,7 +501,7 @@ class ColumnParallelLinear(_ParallelLinear):
             >>> torch.allclose(col(torch.ones(2, 8)), lin(torch.ones(2, 8)))
             True
         """
-        return _from_linear(cls, linear, gather_output, devices, group)
+        return _from_linear(cls, linear, gather_output, devices, group, chunks)
 
     @property
     def bias_shards(self):
@@ -512,7 +525,7 @@ class ColumnParallelLinear(_ParallelLinear):
             bias = self.bias_shards[0] if self._has_bias else None
             return torch.ops.shardpipe.column_parallel_linear_group(
                 x, self.weight_shards[0], bias, self.gather_output, list(self.shard_sizes),
-                p.rank, p.group_name, self._overlap,
+                p.rank, p.group_name, self._overlap, self.chunks,
             )
         outs = torch.ops.shardpipe.column_parallel_linear(
             x, list(self.weight_shards), list(self.bias_shards), self.gather_output
@@ -540,6 +553,9 @@ class RowParallelLinear(_ParallelLinear):
         group: a ``torch.distributed`` process group, one shard per rank; a sharded input is
             this rank's slice of the features.
         dtype: float32, float64, bfloat16 or float16.
+        chunks: over a process group, split the batch (all dims but the last, flattened) into
+            this many pieces, so that the all-reduce of one piece runs while the next piece is
+            multiplied. 1 (the default): one all-reduce per forward.
 
     Example (the tensor-parallel MLP: one reduction forward, one backward)::
 
@@ -556,13 +572,15 @@ class RowParallelLinear(_ParallelLinear):
     _flag_name = "input_is_parallel"
 
     def __init__(self, in_features, out_features, bias=True, input_is_parallel=False,
-                 devices=None, group=None, dtype=None):
+                 devices=None, group=None, dtype=None, *, chunks=1):
         super().__init__()
-        self._build(in_features, out_features, bias, input_is_parallel, devices, group, dtype,
-                    None)
+        self._build(
+            in_features, out_features, bias, input_is_parallel, devices, group, dtype, chunks,
+            None,
+        )
 
     @classmethod
-    def from_linear(cls, linear, *, input_is_parallel=False, devices=None, group=None):
+    def from_linear(cls, linear, *, input_is_parallel=False, devices=None, group=None, chunks=1):
         """A row-parallel copy of ``linear`` (an ``nn.Linear``), split over shards.
 
         Defaults as ``ColumnParallelLinear.from_linear``.
@@ -574,7 +592,7 @@ class RowParallelLinear(_ParallelLinear):
             >>> torch.allclose(row(torch.ones(2, 8)), lin(torch.ones(2, 8)))
             True
         """
-        return _from_linear(cls, linear, input_is_parallel, devices, group)
+        return _from_linear(cls, linear, input_is_parallel, devices, group, chunks)
 
     def forward(self, x):
         p = self._placement
@@ -599,7 +617,7 @@ class RowParallelLinear(_ParallelLinear):
         if p.group is not None:
             return torch.ops.shardpipe.row_parallel_linear_group(
                 x, self.weight_shards[0], self.bias, self.input_is_parallel,
-                list(self.shard_sizes), p.rank, p.group_name, self._overlap,
+                list(self.shard_sizes), p.rank, p.group_name, self._overlap, self.chunks,
             )
         return torch.ops.shardpipe.row_parallel_linear(
             [x], list(self.weight_shards), self.bias, False, x.device
@@ -623,13 +641,13 @@ class RowParallelLinear(_ParallelLinear):
         )
 
 
-def _from_linear(cls, linear, flag, devices, group):
+def _from_linear(cls, linear, flag, devices, group, chunks):
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
     layer = cls.__new__(cls)
     nn.Module.__init__(layer)
     layer._build(
         linear.in_features, linear.out_features, linear.bias is not None, flag, devices, group,
-        linear.weight.dtype, (linear.weight, linear.bias),
+        linear.weight.dtype, chunks, (linear.weight, linear.bias),
     )
     return layer

@@ -380,6 +380,9 @@ def test_parallelize_errors(plan, error, match):
         (dict(devices=None, group=object()), TypeError, "group must be a torch.distributed"),
         (dict(dtype=torch.int32), ValueError, "dtype must be one of"),
         (dict(dtype="float32"), TypeError, "dtype must be a torch.dtype"),
+        (dict(chunks=0), ValueError, "chunks must be at least 1"),
+        (dict(chunks=2.0), TypeError, "chunks must be an int"),
+        (dict(chunks=2), ValueError, "chunks=2 needs group="),
     ],
 )
 def test_constructor_errors(kwargs, error, match):

@@ -183,6 +183,28 @@ def check_dtypes(rank, world):
         close(xs.grad, xl.grad, **t)
 
 
+def check_chunked_forward_pipelines_its_collectives(rank, world):
+    import shardpipe
+
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(6, 2 * world + 1), nn.Linear(2 * world + 1, 4)
+    col = shardpipe.ColumnParallelLinear.from_linear(
+        fc1, gather_output=True, group=world_group(), chunks=2
+    )
+    row = shardpipe.RowParallelLinear.from_linear(fc2, group=world_group(), chunks=3)
+    for shape, pieces in (((2, 5, 6), (2, 3)), ((2, 6), (2, 2)), ((6,), (1, 1))):
+        x = same_input(*shape)
+        xs, xl = leaf(x), leaf(x)
+        prof, y = profiled(lambda xs=xs: row(torch.relu(col(xs))))
+        assert count_events(prof, "_c10d_functional::all_gather_into_tensor") == pieces[0]
+        assert count_events(prof, "_c10d_functional::all_reduce_") == pieces[1]
+        expected = fc2(torch.relu(fc1(xl)))
+        close(y, expected)
+        y.sum().backward()
+        expected.sum().backward()
+        close(xs.grad, xl.grad)
+
+
 def check_gathered_column_then_whole_input_row(rank, world):
     import shardpipe
 
