@@ -8,7 +8,8 @@ backward. Sections:
 
 1. CPU, gloo over ``--world`` processes (spawned here, one intra-op thread each): the
    tensor-parallel MLP (column -> row, one all-reduce forward and one backward) with the
-   backward overlap on and off, against the nn.Linear MLP timed in the same processes with
+   backward overlap on and off, and with the forward all-reduce in ``--chunks`` pieces,
+   against the nn.Linear MLP timed in the same processes with
    the same one thread. Times are the slowest rank's, median over steps.
 2. CPU, one process, ``devices=["cpu"] * world``: the shards on their own threads, against
    nn.Linear in the same process.
@@ -45,6 +46,7 @@ def parse_args():
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--world", type=int, default=2, help="processes (and CPU shards)")
+    parser.add_argument("--chunks", type=int, default=4, help="forward pieces (gloo section)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=2)
@@ -118,15 +120,17 @@ def rank_main(rank, world, port, args, queue):
         plain_mlp(args, "cpu"), {"0": "column", "2": "row"}, group=dist.group.WORLD
     )
 
-    def overlap(on):
+    def setting(overlap, chunks):
         def before():
-            parallel[0]._overlap = parallel[2]._overlap = on
+            parallel[0]._overlap = parallel[2]._overlap = overlap
+            parallel[2].chunks = chunks
         return before
 
     configs = {
         "plain": (plain, lambda: None),
-        "overlap on": (parallel, overlap(True)),
-        "overlap off": (parallel, overlap(False)),
+        "overlap on": (parallel, setting(True, 1)),
+        "overlap off": (parallel, setting(False, 1)),
+        f"overlap on, chunks {args.chunks}": (parallel, setting(True, args.chunks)),
     }
     times = compare(configs, x, args, slowest_rank)
     if rank == 0:
@@ -171,7 +175,7 @@ def main():
           f"training steps (forward + backward), interleaved; {os.cpu_count()} CPU cores")
 
     gloo = gloo_section(args)
-    for mode in ("overlap on", "overlap off"):
+    for mode in ("overlap on", "overlap off", f"overlap on, chunks {args.chunks}"):
         rows.append((f"CPU gloo x{args.world} procs (1 thread each), TP {mode}",
                      gloo["plain"], gloo[mode]))
 
