@@ -123,6 +123,10 @@ class _Placement:
             self.local = list(range(self.num_shards))
             self.local_devices = list(self.devices)
 
+    def __deepcopy__(self, memo):
+        # Immutable, and a ProcessGroup cannot be copied: a copied layer shares the placement.
+        return self
+
 
 class _ParallelLinear(nn.Module):
     """What column- and row-parallel layers share: placement, parameters, state dicts."""

@@ -151,7 +151,7 @@ def _per_shard(func, args, kwargs):
         args_i, kwargs_i = pytree.tree_unflatten([piece(a, i) for a in flat], spec)
         outs.append(func(*args_i, **kwargs_i))
     if func._schema.is_mutable:
-        return args[0]
+        return kwargs["out"] if "out" in kwargs else args[0]
     flat_outs = [pytree.tree_flatten(o) for o in outs]
     spec_out = flat_outs[0][1]
     merged = [

@@ -416,6 +416,18 @@ def test_forward_errors_name_the_numbers():
         plain_row(torch.randn(3, 5))
 
 
+def test_deepcopy_gives_an_independent_equal_layer():
+    import copy
+
+    col = ColumnParallelLinear(4, 6, devices=cpus(2))
+    twin_col = copy.deepcopy(col)
+    x = torch.randn(2, 4)
+    assert torch.equal(twin_col(x), col(x))
+    with torch.no_grad():
+        twin_col.weight_shards[0].zero_()
+    assert not torch.equal(twin_col(x), col(x))
+
+
 def test_from_linear_needs_a_linear():
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         ColumnParallelLinear.from_linear(nn.Conv1d(2, 2, 1), devices=cpus(2))
