@@ -53,17 +53,22 @@ at::Tensor row_parallel_linear(at::TensorList xs, at::TensorList weights,
 // [offset_rank, offset_rank + shard_sizes[rank]) of the full weight, and the matching bias.
 // overlap: in backward, start the input-gradient all-reduce before computing the weight
 // gradient and wait for it last; false waits at once (to measure what overlap gains).
+// chunks: with gather_output, split the flattened batch into this many pieces so that the
+// all-gather of one piece runs while the next is multiplied.
 at::Tensor column_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, bool gather_output,
                                         at::IntArrayRef shard_sizes, int64_t rank,
-                                        const std::string& group_name, bool overlap = true);
+                                        const std::string& group_name, bool overlap = true,
+                                        int64_t chunks = 1);
 
 // Process group: this rank holds columns [offset_rank, ...) of the full weight; the bias is
 // whole on every rank. overlap: in backward (input_is_parallel false), start the all-gather of
-// the input gradient before computing the weight gradient.
+// the input gradient before computing the weight gradient. chunks: split the flattened batch
+// into this many pieces so that the all-reduce of one piece runs while the next is multiplied.
 at::Tensor row_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, bool input_is_parallel,
                                      at::IntArrayRef shard_sizes, int64_t rank,
-                                     const std::string& group_name, bool overlap = true);
+                                     const std::string& group_name, bool overlap = true,
+                                     int64_t chunks = 1);
 
 }  // namespace shardpipe
