@@ -473,8 +473,10 @@ class ColumnParallelLinear(_ParallelLinear):
 
     Example::
 
-        >>> torch.manual_seed(0); col = shardpipe.ColumnParallelLinear(8, 6, devices=["cpu", "cpu"])
-        >>> torch.manual_seed(0); lin = torch.nn.Linear(8, 6)
+        >>> _ = torch.manual_seed(0)
+        >>> col = shardpipe.ColumnParallelLinear(8, 6, devices=["cpu", "cpu"])
+        >>> _ = torch.manual_seed(0)
+        >>> lin = torch.nn.Linear(8, 6)  # the same values
         >>> x = torch.randn(4, 8)
         >>> torch.allclose(col(x), lin(x))
         True
