@@ -51,9 +51,11 @@ class CopyToFunction : public torch::autograd::Function<CopyToFunction> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       out = copy_to_op().call(xs, device, non_blocking);
     }
+    variable_list no_grad;  // one call: each mark_non_differentiable replaces the last
     for (size_t i = 0; i < xs.size(); ++i) {
-      if (!xs[i].requires_grad()) ctx->mark_non_differentiable({out[i]});
+      if (!xs[i].requires_grad()) no_grad.push_back(out[i]);
     }
+    ctx->mark_non_differentiable(no_grad);
     return out;
   }
 
@@ -72,7 +74,10 @@ class CopyToFunction : public torch::autograd::Function<CopyToFunction> {
       for (auto i : members) group.push_back(grads[i]);
       at::Device device(static_cast<at::DeviceType>(source.first),
                         static_cast<at::DeviceIndex>(source.second));
-      auto moved = copy_to_op().call(group, device, non_blocking);
+      // The caller may read a CPU tensor's .grad as soon as backward() returns, and no
+      // stream orders the host: a gradient going back to the CPU is copied blocking, as
+      // Tensor::to's backward does.
+      auto moved = copy_to_op().call(group, device, non_blocking && !device.is_cpu());
       for (size_t k = 0; k < members.size(); ++k) result[members[k]] = moved[k];
     }
     return result;

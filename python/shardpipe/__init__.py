@@ -7,8 +7,10 @@ The public surface at a glance:
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.shardpipe.*)
-from . import _fake  # noqa: F401
+from . import (
+    _C,  # noqa: F401  (registers torch.ops.shardpipe.*)
+    _fake,  # noqa: F401
+)
 from .copy import copy_to
 
 __all__ = ["copy_to"]

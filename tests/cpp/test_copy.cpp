@@ -109,11 +109,15 @@ TEST(CopyTo, GradientIsMovedBack) {
   torch::manual_seed(3);
   auto a = torch::randn({4, 3}, torch::requires_grad());
   auto b = torch::randn({5}, torch::dtype(torch::kDouble).requires_grad(true));
-  auto c = torch::randn({2});  // no grad: stays out of the graph
-  auto out = shardpipe::copy_to({a, b, c}, kCpu);
+  // Without grad: they stay out of the graph, like with Tensor::to.
+  auto c = torch::randn({2});
+  auto d = torch::arange(3);
+  auto out = shardpipe::copy_to({a, c, b, d}, kCpu);
+  EXPECT_FALSE(out[1].requires_grad());
+  EXPECT_FALSE(out[3].requires_grad());
+  out = {out[0], out[2]};
   ASSERT_TRUE(out[0].requires_grad());
   ASSERT_TRUE(out[1].requires_grad());
-  EXPECT_FALSE(out[2].requires_grad());
 
   auto wa = torch::randn({4, 3});
   auto wb = torch::randn({5}, torch::kDouble);
