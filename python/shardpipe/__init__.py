@@ -16,8 +16,7 @@ The public surface at a glance:
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.shardpipe.*)
-from . import _fake  # noqa: F401
+from . import _C, _fake  # noqa: F401  (register torch.ops.shardpipe.* and their fakes)
 from .balance import balance_by_size, balance_by_time
 from .batchnorm import DeferredBatchNorm
 from .copy import copy_to
