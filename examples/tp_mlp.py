@@ -15,10 +15,11 @@ import copy
 import os
 import sys
 
-import shardpipe
 import torch
 import torch.distributed as dist
 from torch import nn
+
+import shardpipe
 
 
 def parse_args():

@@ -4,10 +4,11 @@ Every check compares against nn.Linear with the same weights, computed in the sa
 """
 
 import pytest
-import shardpipe
 import torch
-from shardpipe import ColumnParallelLinear, RowParallelLinear, ShardedTensor
 from torch import nn
+
+import shardpipe
+from shardpipe import ColumnParallelLinear, RowParallelLinear, ShardedTensor
 
 SHARDS = [1, 2, 3]
 TOL = {
