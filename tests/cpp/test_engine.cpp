@@ -24,7 +24,8 @@ struct Model {
   std::vector<StageFn> stages() {
     std::vector<StageFn> fns;
     for (auto& p : parts) {
-      fns.push_back([p](const Activations& in) -> Activations { return {p->forward(in[0])}; });
+      fns.push_back(
+          [p](const Activations& in) mutable -> Activations { return {p->forward(in[0])}; });
     }
     return fns;
   }
