@@ -106,9 +106,10 @@ Activations transfer(const Activations& xs, at::Device to,
     record_on(detached, consumer);
     return detached;
   }
-  // With the consumer's stream current on `to`, copy_to makes it wait on the copy.
+  // With the consumer's stream current on `to`, copy_to makes it wait on the copy. A CPU
+  // consumer has no stream to wait with: its copy finishes before the host goes on.
   StreamsGuard guard({consumer});
-  return copy_to_kernel(detached, to, /*non_blocking=*/true);
+  return copy_to_kernel(detached, to, /*non_blocking=*/!to.is_cpu());
 }
 
 // Concatenates per-micro-batch activations along the batch dimension; with one micro-batch
@@ -555,6 +556,11 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
   auto schedule = make_schedule(options_.schedule, S, m, options_.workers).only(Phase::kBackward);
   execute(step, schedule, inline_device);
 
+  return input_gradients(step);
+}
+
+std::vector<at::Tensor> Engine::input_gradients(Step& step) {
+  const int m = step.micro_batches;
   std::vector<at::Tensor> result(step.input_devices.size());
   const at::Device first = options_.devices[0];
   auto here = current_stream(first);
@@ -568,15 +574,12 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
       if (k < g.size() && g[k].defined()) pieces.push_back(g[k]);
     }
     if (pieces.size() != static_cast<size_t>(m)) continue;  // no gradient reached this input
-    at::Tensor grad;
-    if (step.batched[k]) {
-      grad = m == 1 ? pieces[0] : at::cat(pieces, 0);
-    } else {
-      grad = pieces[0];
-      for (int i = 1; i < m; ++i) grad = grad + pieces[i];
-    }
+    at::Tensor grad =
+        step.batched[k] ? (m == 1 ? pieces[0] : at::cat(pieces, 0)) : at::stack(pieces).sum(0);
     if (grad.device() != step.input_devices[k]) {
-      grad = copy_to_kernel({grad}, step.input_devices[k], /*non_blocking=*/true)[0];
+      // Blocking towards the host, like Tensor.to's backward: the caller may read it at once.
+      const bool to_host = step.input_devices[k].is_cpu();
+      grad = copy_to_kernel({grad}, step.input_devices[k], /*non_blocking=*/!to_host)[0];
     }
     result[k] = grad;
   }
@@ -617,24 +620,12 @@ at::Tensor Engine::train_step(const Activations& inputs, const std::vector<bool>
   at::Tensor total = at::stack(step->losses).sum();
 
   // Gradients of the inputs travel on into whatever produced them.
+  auto input_grads = input_gradients(*step);
   std::vector<at::Tensor> roots, grads;
-  const at::Device first = options_.devices[0];
-  auto first_here = current_stream(first);
-  wait_stream(first_here, streams_[0]);
-  for (const auto& g : step->input_grads) record_on(g, first_here);
   for (size_t k = 0; k < inputs.size(); ++k) {
-    if (!step->input_requires_grad[k]) continue;
-    std::vector<at::Tensor> parts;
-    for (int i = 0; i < m; ++i) {
-      const auto& g = step->input_grads[i];
-      if (k < g.size() && g[k].defined()) parts.push_back(g[k]);
-    }
-    if (parts.size() != static_cast<size_t>(m)) continue;
-    at::Tensor grad = batched[k] ? at::cat(parts, 0) : at::stack(parts).sum(0);
-    if (grad.device() != inputs[k].device())
-      grad = copy_to_kernel({grad}, inputs[k].device(), /*non_blocking=*/true)[0];
+    if (!input_grads[k].defined()) continue;
     roots.push_back(inputs[k]);
-    grads.push_back(grad);
+    grads.push_back(input_grads[k]);
   }
   if (!roots.empty()) torch::autograd::backward(roots, grads);
   return total;

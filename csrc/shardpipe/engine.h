@@ -94,6 +94,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void run_forward(Step& step, int s, int i);
   void run_backward(Step& step, int s, int i);
   Activations call_stage(Step& step, int s, int i, const Activations& leaves);
+  // The gradient of each input of `forward`/`train_step` (undefined where none arrived), on
+  // the input's own device, from the first stage's micro-batches.
+  std::vector<at::Tensor> input_gradients(Step& step);
   void send(Step& step, const Activations& xs, int from_stage, int to_stage, int i, bool grads);
   at::Device worker_device(int w) const;
 
