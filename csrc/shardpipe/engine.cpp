@@ -18,13 +18,51 @@
 
 namespace shardpipe {
 
+namespace {
+
+// Older PyTorch releases hold autograd nodes by std::shared_ptr, newer ones by
+// c10::intrusive_ptr; the edge type says which this build has.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename T, typename... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
+// Where the gradient of a stage input ends up. The stage sees its input as a tensor whose
+// grad_fn is this node (not as a leaf), so a first layer may work in place on it, as it
+// may in the unsplit model; the node keeps what flows into it instead of passing it on.
+class GradSink : public torch::autograd::Node {
+ public:
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (grads[0].defined()) grad_ = grad_.defined() ? grad_ + grads[0] : grads[0];
+    return {};
+  }
+  std::string name() const override { return "shardpipe::StageInput"; }
+  at::Tensor take() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::exchange(grad_, at::Tensor());
+  }
+
+ private:
+  std::mutex mutex_;
+  at::Tensor grad_;
+};
+
+}  // namespace
+
 // What one (stage, micro-batch) keeps between its forward and its backward.
 struct Slot {
-  Activations input;   // on the stage's device, detached from the producer's graph
-  Activations leaves;  // `input` as autograd leaves: their .grad is the input gradient
-  Activations output;  // with the stage's graph, unless the forward was checkpointed
-  Activations grad;    // gradient of `output`, sent by the next stage (or the caller)
-  RngState rng;        // for recomputation
+  Activations input;           // on the stage's device, detached from the producer's graph
+  std::vector<NodePtr> sinks;  // per input: collects its gradient (null: none wanted)
+  Activations output;          // with the stage's graph, unless the forward was checkpointed
+  Activations grad;            // gradient of `output`, sent by the next stage (or the caller)
+  RngState rng;                // for recomputation
   bool checkpointed = false;
   bool has_input = false;
   bool forward_done = false;
@@ -160,19 +198,6 @@ class PipelineBackward : public torch::autograd::Node {
   std::vector<size_t> outputs_;  // which outputs have this node as grad_fn, in input order
   size_t total_outputs_;
 };
-
-// Older PyTorch releases hold autograd nodes by std::shared_ptr, newer ones by
-// c10::intrusive_ptr; the edge type says which this build has.
-using NodePtr = decltype(torch::autograd::Edge::function);
-
-template <typename T, typename... Args>
-NodePtr make_node(Args&&... args) {
-  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
-    return std::make_shared<T>(std::forward<Args>(args)...);
-  } else {
-    return c10::make_intrusive<T>(std::forward<Args>(args)...);
-  }
-}
 
 }  // namespace
 
@@ -380,16 +405,22 @@ void Engine::run_task(Step& step, const Task& task) {
 }
 
 Activations Engine::call_stage(Step& step, int s, int i, const Activations& input) {
-  Activations leaves;
-  leaves.reserve(input.size());
+  Activations stage_input;
+  std::vector<NodePtr> sinks(input.size());
+  stage_input.reserve(input.size());
   for (size_t k = 0; k < input.size(); ++k) {
     // Inputs of the first stage need a gradient only where the caller's do; later stages'
     // floating-point inputs always carry one back.
     bool wanted = step.grad_enabled && at::GradMode::is_enabled() && differentiable(input[k]) &&
                   (s > 0 || step.input_requires_grad[k]);
-    leaves.push_back(wanted ? input[k].detach().requires_grad_(true) : input[k]);
+    at::Tensor x = input[k].defined() ? input[k].detach() : input[k];
+    if (wanted) {
+      sinks[k] = make_node<GradSink>();
+      torch::autograd::create_gradient_edge(x, sinks[k]);
+    }
+    stage_input.push_back(std::move(x));
   }
-  Activations out = stages_[s](leaves);
+  Activations out = stages_[s](stage_input);
   if (step.fused && s == step.stages - 1) {
     at::Tensor loss = (*step.loss)(out, step.targets[i]);
     TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1,
@@ -397,7 +428,7 @@ Activations Engine::call_stage(Step& step, int s, int i, const Activations& inpu
     out = {loss.reshape({}) * step.weights[i]};
   }
   Slot& slot = step.at(s, i);
-  slot.leaves = std::move(leaves);
+  slot.sinks = std::move(sinks);
   return out;
 }
 
@@ -411,19 +442,26 @@ void Engine::run_forward(Step& step, int s, int i) {
     std::unique_lock<std::mutex> generator;
     if (step.grad_enabled && options_.checkpoint != CheckpointMode::kNever)
       generator = lock_generator(options_.devices[s]);
-    if (checkpointed) slot.rng = RngState::capture(options_.devices[s]);
+    Activations replay;
+    if (checkpointed) {
+      slot.rng = RngState::capture(options_.devices[s]);
+      // The recomputation needs the input as it was: a first layer working in place would
+      // otherwise hand it a modified one.
+      for (const auto& t : slot.input) replay.push_back(t.defined() ? t.clone() : t);
+    }
     at::AutoGradMode grad_mode(step.grad_enabled && !checkpointed);
     out = call_stage(step, s, i, slot.input);
+    if (checkpointed) slot.input = std::move(replay);
   }
   if (step.grad_enabled) {
     slot.checkpointed = checkpointed;
     if (checkpointed) {
-      slot.leaves.clear();
+      slot.sinks.clear();
     } else {
       slot.output = out;
     }
   } else {
-    slot.leaves.clear();
+    slot.sinks.clear();
     slot.input.clear();
   }
   if (!slot.checkpointed && step.grad_enabled) slot.input.clear();
@@ -464,12 +502,11 @@ void Engine::run_backward(Step& step, int s, int i) {
     }
   }
   if (!roots.empty()) torch::autograd::backward(roots, grads);
-  Activations input_grads(slot.leaves.size());
-  for (size_t k = 0; k < slot.leaves.size(); ++k) {
-    if (slot.leaves[k].defined() && slot.leaves[k].requires_grad())
-      input_grads[k] = slot.leaves[k].grad();
+  Activations input_grads(slot.sinks.size());
+  for (size_t k = 0; k < slot.sinks.size(); ++k) {
+    if (slot.sinks[k]) input_grads[k] = static_cast<GradSink*>(slot.sinks[k].get())->take();
   }
-  slot.leaves.clear();
+  slot.sinks.clear();
   slot.input.clear();
   slot.grad.clear();
   slot.rng = RngState();

@@ -388,3 +388,23 @@ def test_vit_class_token_stays_in_the_state_dict():
     torch.testing.assert_close(pipe(x), want)
     pipe(x).sum().backward()
     assert vit.class_token.grad is not None
+
+
+class DoubleInPlace(nn.Module):
+    def forward(self, x):
+        return x.mul_(2)
+
+
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+def test_a_stage_may_start_with_an_in_place_layer(checkpoint):
+    torch.manual_seed(14)
+    # Doubling is not idempotent: a recomputation fed the modified input would be off.
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 8),
+                          DoubleInPlace(), nn.Linear(8, 2))
+    x = torch.randn(6, 8)
+    model(x).sum().backward()
+    want = grads(model)
+    model.zero_grad()
+    pipe = sp.Pipeline(model, ["cpu"] * 3, chunks=3, balance=[1, 2, 2], checkpoint=checkpoint)
+    pipe(x).sum().backward()
+    assert_grads_close(grads(model), want)
