@@ -6,6 +6,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
+#include "shardpipe/balance.h"
 #include "shardpipe/checkpoint.h"
 #include "shardpipe/engine.h"
 #include "shardpipe/schedule.h"
@@ -230,4 +231,9 @@ PYBIND11_MODULE(_C, m) {
            })
       .def_property_readonly("stages", &shardpipe::Engine::stages)
       .def_property_readonly("workers", &shardpipe::Engine::workers);
+
+  // std::invalid_argument from the core arrives in Python as ValueError.
+  m.def("balance_partition", &shardpipe::balance_partition, py::arg("costs"), py::arg("partitions"),
+        "Group sizes splitting `costs` into `partitions` contiguous groups with the smallest "
+        "largest group cost (ties: most even sizes, then lexicographically smallest).");
 }
