@@ -122,6 +122,22 @@ def gantt(trace, path, title):
     plt.close(fig)
 
 
+def resnet50_on_one_gpu(batch, chunks, repeats):
+    """ResNet-50 training step, 2 pipeline stages on one GPU vs the plain model."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().cuda()
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    loss_fn = nn.functional.cross_entropy
+    plain, _ = timed(lambda: loss_fn(model(x), y).backward(), repeats)
+    pipe = sp.Pipeline(sp.sequentialize(model), ["cuda:0", "cuda:0"], chunks=chunks)
+    ours, _ = timed(lambda: pipe.train_step(x, y, loss_fn), repeats)
+    pipe.close()
+    return batch / ours, batch / plain
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (for tests)")
@@ -140,6 +156,10 @@ def main():
         ours, loop = overhead("cuda:0", 2, 8, repeats)
         rows.append(("per-task cost, 2 stages on cuda:0 x 8 mb (us)", ours, loop, loop / ours))
 
+    if torch.cuda.is_available() and not args.quick:
+        ours, plain = resnet50_on_one_gpu(batch=64, chunks=4, repeats=repeats)
+        rows.append(("resnet50 train, 2 stages on cuda:0 (img/s)", ours, plain, ours / plain))
+
     width, depth, batch = (128, 2, 64) if args.quick else (1024, 4, 512)
     chunks = 8
     fwd, train, bubble = efficiency(width, depth, batch, chunks, repeats,
@@ -151,6 +171,7 @@ def main():
     print(f"{'measure':<52} {'shardpipe':>10} {'baseline':>10} {'ratio':>7}")
     for name, ours, base, ratio in rows:
         print(f"{name:<52} {ours:>10.2f} {base:>10.2f} {ratio:>7.2f}")
+    print("resnet50 row: baseline = the plain model on the same GPU; ratio = throughput share")
     print("per-task rows: baseline = hand-written Python micro-batch loop; ratio = loop/shardpipe")
     print(f"speed-up rows: baseline = ideal p*m/(m+p-1) = {ideal:.2f}; ratio = share of ideal")
     if bubble is not None:
