@@ -1,0 +1,187 @@
+"""Balancing helpers: how many consecutive children each pipeline stage gets.
+
+Both helpers measure one cost per child of the (sequentialized) model and hand the costs to
+the exact partitioner in C++ (``shardpipe._C.balance_partition``), which minimises the
+largest stage cost. Among equally good splits it takes the one with the most even number
+of children per stage, then the lexicographically smallest balance (earlier stages
+smaller), so the result is deterministic for given costs.
+"""
+
+import copy
+import time
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from . import _C
+from ._devices import as_device
+from .sequentialize import sequentialize
+
+__all__ = ["balance_by_size", "balance_by_time"]
+
+
+def balance_by_time(model, sample, partitions, device=None, repeats=5):
+    """Balance a pipeline by the time each child takes for forward and backward.
+
+    Each child of ``model`` (of ``sequentialize(model)`` if it is not an ``nn.Sequential``)
+    is copied to ``device`` in train mode and run forward and backward on what the children
+    before it made of ``sample``; its cost is the fastest of ``repeats`` timed runs after one
+    untimed warm-up (noise only adds time). The model itself, its gradients and the global
+    RNG state are left untouched. The balance minimises the slowest stage.
+
+    Args:
+        model: an ``nn.Sequential``, or a model ``sequentialize`` accepts.
+        sample: an input batch, typically one micro-batch.
+        partitions: the number of stages.
+        device: where to profile; defaults to ``sample``'s device.
+        repeats: timed runs per child.
+
+    Returns:
+        list[int]: children per stage, summing to the number of children, none zero.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4096),
+        ...                       nn.Linear(4096, 64), nn.ReLU())
+        >>> shardpipe.balance_by_time(model, torch.rand(32, 64), partitions=2)  # doctest: +SKIP
+        [3, 2]
+    """
+    if not isinstance(repeats, int) or isinstance(repeats, bool):
+        raise TypeError(f"repeats must be an int, got {type(repeats).__name__}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    layers, sample, partitions, device = _check(model, sample, partitions, device)
+
+    def cost(layer, x):
+        _forward_backward(layer, _fresh(x))  # warm-up: first-call allocations, kernel choice
+        times = []
+        for _ in range(repeats):
+            fresh = _fresh(x)
+            _synchronize(device)
+            start = time.perf_counter()
+            out = _forward_backward(layer, fresh)
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+        # Noise (other processes, descheduled threads) only ever adds time.
+        return min(times), out
+
+    return _C.balance_partition(_profile(layers, sample, device, cost), partitions)
+
+
+def balance_by_size(model, sample, partitions, device=None, param_scale=2.0):
+    """Balance a pipeline by the memory each child holds during training.
+
+    A child's cost is ``param_scale`` times the bytes of its parameters, plus the bytes of
+    its buffers, plus its activation memory: the bytes of the tensors its forward saves for
+    backward on ``sample`` (each storage once, parameters excluded), measured with
+    ``torch.autograd.graph.saved_tensors_hooks`` so it works on any device. Children are
+    run as copies in train mode; the model and the global RNG state are left untouched.
+    The balance minimises the largest stage.
+
+    Args:
+        model: an ``nn.Sequential``, or a model ``sequentialize`` accepts.
+        sample: an input batch, typically one micro-batch.
+        partitions: the number of stages.
+        device: where to run the forward; defaults to ``sample``'s device.
+        param_scale: bytes per parameter byte: 2.0 counts weights and their gradients;
+            use 4.0 for Adam (two moments more).
+
+    Returns:
+        list[int]: children per stage, summing to the number of children, none zero.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4096), nn.Linear(4096, 8),
+        ...                       nn.ReLU(), nn.Linear(8, 8))
+        >>> shardpipe.balance_by_size(model, torch.rand(4, 8), partitions=3)
+        [2, 1, 2]
+    """
+    if not isinstance(param_scale, (int, float)) or isinstance(param_scale, bool):
+        raise TypeError(f"param_scale must be a number, got {type(param_scale).__name__}")
+    if not param_scale >= 0:
+        raise ValueError(f"param_scale must be non-negative, got {param_scale}")
+    layers, sample, partitions, device = _check(model, sample, partitions, device)
+
+    def cost(layer, x):
+        params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        saved = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        fresh = _fresh(x)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = layer(fresh)
+        weights = sum(p.numel() * p.element_size() for p in layer.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in layer.buffers())
+        return float(param_scale * weights + buffers + sum(saved.values())), out
+
+    return _C.balance_partition(_profile(layers, sample, device, cost), partitions)
+
+
+def _check(model, sample, partitions, device):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+    if not isinstance(partitions, int) or isinstance(partitions, bool):
+        raise TypeError(f"partitions must be an int, got {type(partitions).__name__}")
+    layers = list(sequentialize(model).children())
+    if not 1 <= partitions <= len(layers):
+        raise ValueError(
+            f"partitions must be between 1 and {len(layers)} (the number of children of "
+            f"the sequentialized model), got {partitions}"
+        )
+    device = sample.device if device is None else as_device(device, "device")
+    return layers, sample, partitions, device
+
+
+def _profile(layers, sample, device, cost):
+    """One cost per layer, each measured on a train-mode copy fed by the layers before it."""
+    devices = [device] if device.type == "cuda" else []
+    costs = []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        x = sample.detach().to(device)
+        for i, layer in enumerate(layers):
+            layer = copy.deepcopy(layer).to(device).train()
+            # Later stages also compute their input's gradient; the first one does not.
+            x = _detach(x, requires_grad=i > 0)
+            value, out = cost(layer, x)
+            costs.append(value)
+            x = out
+    return costs
+
+
+def _detach(value, requires_grad):
+    def detach(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.detach()
+        return t.requires_grad_() if requires_grad and t.is_floating_point() else t
+
+    return pytree.tree_map(detach, value)
+
+
+def _fresh(value):
+    # A copy per run: in-place layers (ReLU(inplace=True)) may then modify their input, which
+    # is not a leaf any more, without changing what the next run sees.
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
+
+
+def _forward_backward(layer, x):
+    out = layer(x)
+    tensors = [
+        t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad
+    ]
+    if tensors:
+        torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+    return out
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
