@@ -71,13 +71,9 @@ def max_difference(got, want):
 
 def train_pipeline(model, devices, batches, args):
     """Returns the pipeline, its losses, the seconds of the timed steps and one step's trace."""
-    micro = max(1, args.batch // args.chunks)
+    micro = -(-args.batch // args.chunks)  # the first micro-batch, as torch.chunk cuts it
     sample = batches[0][0][:micro].to(devices[0])
-    # Profiling runs forward and backward in train mode, which would move BatchNorm's running
-    # statistics: it gets a copy so that the model still equals the baseline.
-    profiled = copy.deepcopy(model).to(devices[0])
-    balance = sp.balance_by_time(profiled, sample, len(devices))
-    del profiled
+    balance = sp.balance_by_time(model, sample, len(devices), device=devices[0])
     pipe = sp.Pipeline(sp.sequentialize(model), devices, chunks=args.chunks, balance=balance,
                        schedule=args.schedule)
     optimizer = torch.optim.SGD(pipe.parameters(), lr=args.lr, momentum=0.9)
