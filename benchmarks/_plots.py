@@ -89,6 +89,9 @@ def curves(series, path, title, xlabel, ylabel, reference=None):
     if reference is not None:
         ax.axhline(reference[1], color="black", linestyle="--", linewidth=1, label=reference[0])
     ax.set_xscale("log", base=2)
+    ticks = sorted({x for xs, _, _ in series.values() for x in xs})
+    ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
