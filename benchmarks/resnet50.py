@@ -138,18 +138,29 @@ class HandPipelinedResNet50(nn.Module):
         return torch.cat(outputs)
 
 
-def measure(step, batches, repeats, devices):
-    """Seconds per run of all batches: one warm-up step, then ``repeats`` timed runs."""
-    step(*batches[0])
+def measure_interleaved(ways, repeats, devices):
+    """Seconds per run of all batches for every way: one warm-up step each, then ``repeats``
+    rounds that time each way once in turn, so that a busy spell of the machine spreads
+    over all ways instead of spoiling one. Returns (way, split, chunks, samples) rows."""
+    def set_threads(count):
+        if count is not None:
+            torch.set_num_threads(count)
+
+    for _, _, _, threads, step, batches in ways:
+        set_threads(threads)
+        step(*batches[0])
     synchronize(devices)
-    samples = []
+    samples = [[] for _ in ways]
     for _ in range(repeats):
-        start = time.perf_counter()
-        for images, labels in batches:
-            step(images, labels)
-        synchronize(devices)
-        samples.append(time.perf_counter() - start)
-    return samples
+        for (_, _, _, threads, step, batches), times in zip(ways, samples):
+            set_threads(threads)
+            start = time.perf_counter()
+            for images, labels in batches:
+                step(images, labels)
+            synchronize(devices)
+            times.append(time.perf_counter() - start)
+    return [(way, split, chunks, times)
+            for (way, split, chunks, *_), times in zip(ways, samples)]
 
 
 def module_step(module, lr):
@@ -161,6 +172,17 @@ def module_step(module, lr):
         optimizer.step()
 
     return step
+
+
+def hand_step(hand, split, lr):
+    """A step of the hand-written pipeline with the given split size."""
+    step = module_step(hand, lr)
+
+    def run(images, labels):
+        hand.split_size = split
+        step(images, labels)
+
+    return run
 
 
 def pipeline_step(pipe, lr):
@@ -288,26 +310,13 @@ def main():
     initial = torchvision.models.resnet50(num_classes=args.classes)
     batches = make_batches(args, devices[0], devices[-1])
     single_batches = [(x, y.to(devices[0])) for x, y in batches]
-    rows = []  # (way, split size or None, chunks or None, samples)
 
     def fresh():
         return copy.deepcopy(initial)
 
     threads = torch.get_num_threads()
-    if on_cpu:
-        torch.set_num_threads(stages)
-    model = fresh().to(devices[0])
-    rows.append((f"single device ({stages} threads)" if on_cpu else "single device", None, None,
-                 measure(module_step(model, args.lr), single_batches, args.repeats,
-                         devices[:1])))
-    if on_cpu:
-        torch.set_num_threads(1)
-        rows.append(("single device, 1 thread", None, None,
-                     measure(module_step(model, args.lr), single_batches, args.repeats,
-                             devices[:1])))
-    del model
-
-    # From here on every CPU stage (worker thread) runs with one intra-op thread.
+    # Every CPU stage (worker thread or process) runs with one intra-op thread, profiling too.
+    stage_threads = 1 if on_cpu else None
     if on_cpu:
         torch.set_num_threads(1)
     # Profiled on a micro-batch of the middle of the sweep: the stage times that matter.
@@ -315,42 +324,53 @@ def main():
     sample = batches[0][0][:split_size(args.batch, middle)]
     balance = args.balance or sp.balance_by_time(initial, sample, stages, device=devices[0])
 
+    # (way, split size, chunks, intra-op threads, step, batches)
+    ways = [(f"single device ({stages} threads)" if on_cpu else "single device", None, None,
+             stages if on_cpu else None, module_step(fresh().to(devices[0]), args.lr),
+             single_batches)]
+    if on_cpu:
+        ways.append(("single device, 1 thread", None, None, 1,
+                     module_step(fresh().to(devices[0]), args.lr), single_batches))
     hand = HandPipelinedResNet50(fresh(), balance, devices, args.batch)
-    naive = measure(module_step(hand, args.lr), batches, args.repeats, devices)
-    rows.append(("naive split", args.batch, 1, naive))
+    ways.append(("naive split", args.batch, 1, stage_threads, hand_step(hand, args.batch, args.lr),
+                 batches))
     for chunks in args.chunks:
-        # One split is the naive split itself: its row shares that measurement.
-        hand.split_size = split_size(args.batch, chunks)
-        samples = naive if chunks == 1 else measure(module_step(hand, args.lr), batches,
-                                                    args.repeats, devices)
-        rows.append(("hand-written", hand.split_size, chunks, samples))
-    del hand
-
+        if chunks > 1:  # one split is the naive split itself
+            split = split_size(args.batch, chunks)
+            ways.append(("hand-written", split, chunks, stage_threads,
+                         hand_step(hand, split, args.lr), batches))
+    pipes = {}
     for schedule in ("gpipe", "1f1b"):
         for chunks in args.chunks:
             pipe = sp.Pipeline(sp.sequentialize(fresh()), devices, chunks=chunks,
                                balance=balance, schedule=schedule)
-            rows.append((f"shardpipe {schedule}", split_size(args.batch, chunks), chunks,
-                         measure(pipeline_step(pipe, args.lr), batches, args.repeats, devices)))
-            pipe.close()
+            pipes[schedule, chunks] = pipe
+            ways.append((f"shardpipe {schedule}", split_size(args.batch, chunks), chunks,
+                         stage_threads, pipeline_step(pipe, args.lr), batches))
 
-    best_1f1b = min((r for r in rows if r[0] == "shardpipe 1f1b"),
-                    key=lambda r: statistics.mean(r[3]))[2]
+    rows = measure_interleaved(ways, args.repeats, devices)
+    if 1 in args.chunks:
+        naive = next(r for r in rows if r[0] == "naive split")
+        rows.insert(rows.index(naive) + 1, ("hand-written",) + naive[1:])
+
+    # The timeline of 1F1B's best chunk count, preferring one that pipelines (chunks > 1).
+    candidates = [r for r in rows if r[0] == "shardpipe 1f1b" and r[2] > 1] or \
+        [r for r in rows if r[0] == "shardpipe 1f1b"]
+    best_chunks = min(candidates, key=lambda r: statistics.mean(r[3]))[2]
     timelines = []
     for schedule in ("gpipe", "1f1b"):
-        pipe = sp.Pipeline(sp.sequentialize(fresh()), devices, chunks=best_1f1b,
-                           balance=balance, schedule=schedule)
-        step = pipeline_step(pipe, args.lr)
-        step(*batches[0])
+        pipe = pipes[schedule, best_chunks]
         with pipe.record_trace() as trace:
-            step(*batches[0])
+            pipeline_step(pipe, args.lr)(*batches[0])
         synchronize(devices)
-        pipe.close()
         path = os.path.join(args.out, f"resnet50_timeline_{schedule}")
         trace.save(path + ".json")
         gantt(trace, path + ".png", f"shardpipe {schedule}: ResNet-50, {stages} stages, "
-              f"{best_1f1b} micro-batches (bubble {trace.bubble_fraction():.2f})")
+              f"{best_chunks} micro-batches (bubble {trace.bubble_fraction():.2f})")
         timelines.append((schedule, trace.bubble_fraction()))
+    for pipe in pipes.values():
+        pipe.close()
+    del ways, pipes, hand
 
     torch.set_num_threads(threads)
     peer_note = None
