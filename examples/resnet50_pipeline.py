@@ -64,9 +64,10 @@ def synchronize(devices):
 
 
 def max_difference(got, want):
-    """Largest |got - want| over matching tensors (integer buffers count as floats)."""
-    return max(((g.detach().double().cpu() - w.detach().double().cpu()).abs().max().item()
-                for g, w in zip(got, want)), default=0.0)
+    """Largest |got - want| over the tensors of two name -> tensor dicts with the same names
+    (integer buffers count as floats)."""
+    return max(((got[name].detach().double().cpu() - tensor.detach().double().cpu())
+                .abs().max().item() for name, tensor in want.items()), default=0.0)
 
 
 def train_pipeline(model, devices, batches, args):
@@ -170,10 +171,10 @@ def main():
         "loss": losses,
         "baseline_loss": base_losses,
         "max_loss_difference": max(abs(a - b) for a, b in zip(losses, base_losses)),
-        "max_parameter_difference": max_difference(
-            [p for _, p in pipe.named_parameters()], [p for _, p in baseline.named_parameters()]),
-        "max_buffer_difference": max_difference(
-            [b for _, b in pipe.named_buffers()], [b for _, b in baseline.named_buffers()]),
+        "max_parameter_difference": max_difference(dict(pipe.named_parameters()),
+                                                   dict(baseline.named_parameters())),
+        "max_buffer_difference": max_difference(dict(pipe.named_buffers()),
+                                                dict(baseline.named_buffers())),
         "max_parameter_magnitude": max(p.detach().abs().max().item()
                                        for p in baseline.parameters()),
     }
