@@ -44,8 +44,9 @@ Activations as_activations(const py::handle& result, const char* what) {
     Activations out;
     for (const auto& item : result) {
       if (!THPVariable_Check(item.ptr())) {
-        PyErr_Format(PyExc_TypeError, "%s must return a Tensor or a tuple of Tensors, got a %s holding a %s",
-                     what, Py_TYPE(result.ptr())->tp_name, Py_TYPE(item.ptr())->tp_name);
+        PyErr_Format(PyExc_TypeError,
+                     "%s must return a Tensor or a tuple of Tensors, got a %s holding a %s", what,
+                     Py_TYPE(result.ptr())->tp_name, Py_TYPE(item.ptr())->tp_name);
         throw_python_error();
       }
       out.push_back(THPVariable_Unpack(item.ptr()));
@@ -162,18 +163,24 @@ PYBIND11_MODULE(_C, m) {
       },
       "Whether this build of shardpipe compiled its CUDA sources.");
 
+  // std::invalid_argument from the core arrives in Python as ValueError.
+  m.def("balance_partition", &shardpipe::balance_partition, py::arg("costs"), py::arg("partitions"),
+        "Group sizes splitting `costs` into `partitions` contiguous groups with the smallest "
+        "largest group cost (ties: most even sizes, then lexicographically smallest).");
+
   m.def("is_recomputing", &shardpipe::is_recomputing,
         "True while this thread recomputes a checkpointed forward.");
 
   m.def(
       "schedule",
       [](const std::string& kind, int stages, int micro_batches, int workers) {
-        auto schedule =
-            shardpipe::make_schedule(shardpipe::parse_schedule(kind), stages, micro_batches, workers);
+        auto schedule = shardpipe::make_schedule(shardpipe::parse_schedule(kind), stages,
+                                                 micro_batches, workers);
         py::list per_worker;
         for (const auto& tasks : schedule.per_worker) {
           py::list list;
-          for (const auto& t : tasks) list.append(py::make_tuple(t.stage, t.micro_batch, phase_name(t.phase)));
+          for (const auto& t : tasks)
+            list.append(py::make_tuple(t.stage, t.micro_batch, phase_name(t.phase)));
           per_worker.append(list);
         }
         return per_worker;
@@ -181,21 +188,21 @@ PYBIND11_MODULE(_C, m) {
       "Per-worker task lists [(stage, micro_batch, 'forward'|'backward'), ...].");
 
   py::class_<shardpipe::Engine, std::shared_ptr<shardpipe::Engine>>(m, "Engine")
-      .def(py::init([](std::vector<py::object> stages, std::vector<std::string> devices,
-                       int workers, int64_t chunks, const std::string& schedule,
-                       const std::string& checkpoint) {
-             std::vector<shardpipe::StageFn> fns;
-             for (auto& s : stages) fns.push_back(python_stage(s));
-             shardpipe::EngineOptions options;
-             for (const auto& d : devices) options.devices.emplace_back(d);
-             options.workers = workers;
-             options.chunks = chunks;
-             options.schedule = shardpipe::parse_schedule(schedule);
-             options.checkpoint = shardpipe::parse_checkpoint(checkpoint);
-             return shardpipe::Engine::create(std::move(fns), std::move(options));
-           }),
-           py::arg("stages"), py::arg("devices"), py::arg("workers"), py::arg("chunks"),
-           py::arg("schedule"), py::arg("checkpoint"))
+      .def(
+          py::init([](std::vector<py::object> stages, std::vector<std::string> devices, int workers,
+                      int64_t chunks, const std::string& schedule, const std::string& checkpoint) {
+            std::vector<shardpipe::StageFn> fns;
+            for (auto& s : stages) fns.push_back(python_stage(s));
+            shardpipe::EngineOptions options;
+            for (const auto& d : devices) options.devices.emplace_back(d);
+            options.workers = workers;
+            options.chunks = chunks;
+            options.schedule = shardpipe::parse_schedule(schedule);
+            options.checkpoint = shardpipe::parse_checkpoint(checkpoint);
+            return shardpipe::Engine::create(std::move(fns), std::move(options));
+          }),
+          py::arg("stages"), py::arg("devices"), py::arg("workers"), py::arg("chunks"),
+          py::arg("schedule"), py::arg("checkpoint"))
       .def(
           "forward",
           [](shardpipe::Engine& e, const Activations& inputs, const std::vector<bool>& batched) {
@@ -231,9 +238,4 @@ PYBIND11_MODULE(_C, m) {
            })
       .def_property_readonly("stages", &shardpipe::Engine::stages)
       .def_property_readonly("workers", &shardpipe::Engine::workers);
-
-  // std::invalid_argument from the core arrives in Python as ValueError.
-  m.def("balance_partition", &shardpipe::balance_partition, py::arg("costs"), py::arg("partitions"),
-        "Group sizes splitting `costs` into `partitions` contiguous groups with the smallest "
-        "largest group cost (ties: most even sizes, then lexicographically smallest).");
 }

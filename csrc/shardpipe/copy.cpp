@@ -43,8 +43,20 @@ class CopyToFunction : public torch::autograd::Function<CopyToFunction> {
     ctx->saved_data["source_types"] = types;
     ctx->saved_data["source_indices"] = indices;
     ctx->saved_data["non_blocking"] = non_blocking;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return copy_to_op().call(xs, device, non_blocking);
+    // Like Tensor::to: an unused output sends no gradient back (no zeros to copy), and an
+    // output whose input needs no gradient does not require one either.
+    ctx->set_materialize_grads(false);
+    variable_list out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out = copy_to_op().call(xs, device, non_blocking);
+    }
+    variable_list no_grad;  // one call: each mark_non_differentiable replaces the last
+    for (size_t i = 0; i < xs.size(); ++i) {
+      if (!xs[i].requires_grad()) no_grad.push_back(out[i]);
+    }
+    ctx->mark_non_differentiable(no_grad);
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -62,7 +74,10 @@ class CopyToFunction : public torch::autograd::Function<CopyToFunction> {
       for (auto i : members) group.push_back(grads[i]);
       at::Device device(static_cast<at::DeviceType>(source.first),
                         static_cast<at::DeviceIndex>(source.second));
-      auto moved = copy_to_op().call(group, device, non_blocking);
+      // The caller may read a CPU tensor's .grad as soon as backward() returns, and no
+      // stream orders the host: a gradient going back to the CPU is copied blocking, as
+      // Tensor::to's backward does.
+      auto moved = copy_to_op().call(group, device, non_blocking && !device.is_cpu());
       for (size_t k = 0; k < members.size(); ++k) result[members[k]] = moved[k];
     }
     return result;
@@ -70,8 +85,21 @@ class CopyToFunction : public torch::autograd::Function<CopyToFunction> {
 };
 
 std::vector<at::Tensor> copy_to_autograd(at::TensorList xs, at::Device device, bool non_blocking) {
+  // autograd::Function cannot take undefined inputs, so only the defined tensors go
+  // through it; the undefined ones stay undefined in their places.
+  std::vector<at::Tensor> defined;
+  std::vector<size_t> where;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (xs[i].defined()) {
+      defined.push_back(xs[i]);
+      where.push_back(i);
+    }
+  }
   // A TensorList (not a vector) is what autograd::Function counts as differentiable inputs.
-  return CopyToFunction::apply(xs, device, non_blocking);
+  auto moved = CopyToFunction::apply(at::TensorList(defined), device, non_blocking);
+  std::vector<at::Tensor> out(xs.size());
+  for (size_t k = 0; k < where.size(); ++k) out[where[k]] = moved[k];
+  return out;
 }
 
 }  // namespace
@@ -87,9 +115,8 @@ std::vector<at::Tensor> copy_to_kernel(at::TensorList xs, at::Device device, boo
   bool any_cuda = device.is_cuda();
   for (size_t i = 0; i < xs.size(); ++i) {
     if (!xs[i].defined()) continue;
-    TORCH_CHECK(xs[i].device().is_cpu() || xs[i].device().is_cuda(),
-                "copy_to: tensor ", i, " is on ", xs[i].device(),
-                "; only CPU and CUDA tensors can be copied");
+    TORCH_CHECK(xs[i].device().is_cpu() || xs[i].device().is_cuda(), "copy_to: tensor ", i,
+                " is on ", xs[i].device(), "; only CPU and CUDA tensors can be copied");
     any_cuda = any_cuda || xs[i].is_cuda();
   }
   if (!any_cuda) {
@@ -106,9 +133,7 @@ std::vector<at::Tensor> copy_to_kernel(at::TensorList xs, at::Device device, boo
 #endif
 }
 
-TORCH_LIBRARY_IMPL(shardpipe, CompositeExplicitAutograd, m) {
-  m.impl("copy_to", &copy_to_kernel);
-}
+TORCH_LIBRARY_IMPL(shardpipe, CompositeExplicitAutograd, m) { m.impl("copy_to", &copy_to_kernel); }
 
 TORCH_LIBRARY_IMPL(shardpipe, Autograd, m) { m.impl("copy_to", &copy_to_autograd); }
 

@@ -197,8 +197,8 @@ Engine::Engine(std::vector<StageFn> stages, EngineOptions options)
                     "shardpipe: only the interleaved schedule runs several stages per worker");
   for (int s = 0; s < S; ++s) {
     TORCH_CHECK_VALUE(options_.devices[s] == options_.devices[s % W], "shardpipe: stage ", s,
-                      " is on ", options_.devices[s], " but shares worker ", s % W,
-                      " with stage ", s % W, " on ", options_.devices[s % W]);
+                      " is on ", options_.devices[s], " but shares worker ", s % W, " with stage ",
+                      s % W, " on ", options_.devices[s % W]);
     streams_.push_back(pool_stream(options_.devices[s]));
   }
   for (int w = 0; w < W; ++w) {
@@ -225,8 +225,8 @@ std::vector<TraceEvent> Engine::take_trace() {
 
 std::shared_ptr<Step> Engine::scatter(const Activations& inputs, const std::vector<bool>& batched) {
   TORCH_CHECK(!workers_.empty(), "shardpipe: this pipeline was closed");
-  TORCH_CHECK_VALUE(inputs.size() == batched.size(), "shardpipe: ", inputs.size(),
-                    " inputs but ", batched.size(), " batched flags");
+  TORCH_CHECK_VALUE(inputs.size() == batched.size(), "shardpipe: ", inputs.size(), " inputs but ",
+                    batched.size(), " batched flags");
   auto step = std::make_shared<Step>();
   step->stages = stages();
   step->batched = batched;
@@ -249,8 +249,8 @@ std::shared_ptr<Step> Engine::scatter(const Activations& inputs, const std::vect
   for (size_t k = 0; k < inputs.size(); ++k) {
     if (batched[k]) pieces[k] = at::chunk(inputs[k], options_.chunks, 0);
   }
-  const auto& first = *std::find_if(pieces.begin(), pieces.end(),
-                                    [](const auto& p) { return !p.empty(); });
+  const auto& first =
+      *std::find_if(pieces.begin(), pieces.end(), [](const auto& p) { return !p.empty(); });
   step->micro_batches = static_cast<int>(first.size());
   for (const auto& piece : first) step->sizes.push_back(piece.size(0));
   step->slots.resize(static_cast<size_t>(step->stages) * step->micro_batches);
@@ -271,7 +271,8 @@ std::shared_ptr<Step> Engine::scatter(const Activations& inputs, const std::vect
   return step;
 }
 
-void Engine::execute(Step& step, const Schedule& schedule, std::optional<at::Device> inline_device) {
+void Engine::execute(Step& step, const Schedule& schedule,
+                     std::optional<at::Device> inline_device) {
   std::vector<const std::vector<Task>*> inline_lists;
   std::vector<int> posted;
   for (int w = 0; w < schedule.workers; ++w) {
@@ -356,9 +357,8 @@ void Engine::run_lists(Step& step, const std::vector<const std::vector<Task>*>& 
         return std::chrono::duration<double, std::micro>(t - epoch_).count();
       };
       std::lock_guard<std::mutex> lock(trace_mutex_);
-      trace_.push_back({task->stage, task->micro_batch, task->phase,
-                        task->stage % options_.workers, us(start),
-                        us(std::chrono::steady_clock::now())});
+      trace_.push_back({task->stage, task->micro_batch, task->phase, task->stage % options_.workers,
+                        us(start), us(std::chrono::steady_clock::now())});
     }
     std::lock_guard<std::mutex> lock(step.mutex);
     if (task->phase == Phase::kForward) step.at(task->stage, task->micro_batch).forward_done = true;
@@ -530,7 +530,8 @@ Activations Engine::forward(const Activations& inputs, const std::vector<bool>& 
 }
 
 std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tensor>& grads) {
-  TORCH_CHECK(!step.backward_ran, "shardpipe: the pipeline's backward already ran for this forward");
+  TORCH_CHECK(!step.backward_ran,
+              "shardpipe: the pipeline's backward already ran for this forward");
   step.backward_ran = true;
   step.tls = at::ThreadLocalState();
   const int S = stages(), m = step.micro_batches;
@@ -539,8 +540,8 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
   for (size_t k = 0; k < grads.size(); ++k) {
     if (!grads[k].defined()) continue;
     if (grads[k].is_cuda()) inline_device = grads[k].device();
-    parts[k] = m == 1 ? std::vector<at::Tensor>{grads[k]}
-                      : grads[k].split_with_sizes(step.sizes, 0);
+    parts[k] =
+        m == 1 ? std::vector<at::Tensor>{grads[k]} : grads[k].split_with_sizes(step.sizes, 0);
   }
   for (int i = 0; i < m; ++i) {
     Activations g(grads.size());
@@ -594,10 +595,10 @@ at::Tensor Engine::train_step(const Activations& inputs, const std::vector<bool>
   const at::Device last = options_.devices[S - 1];
   std::vector<std::vector<at::Tensor>> pieces;
   for (size_t k = 0; k < targets.size(); ++k) {
-    TORCH_CHECK_VALUE(targets[k].defined() && targets[k].dim() >= 1 &&
-                          targets[k].size(0) == step->batch,
-                      "shardpipe: target ", k, " must have the batch size ", step->batch,
-                      " in its first dimension");
+    TORCH_CHECK_VALUE(
+        targets[k].defined() && targets[k].dim() >= 1 && targets[k].size(0) == step->batch,
+        "shardpipe: target ", k, " must have the batch size ", step->batch,
+        " in its first dimension");
     pieces.push_back(targets[k].split_with_sizes(step->sizes, 0));
   }
   for (int i = 0; i < m; ++i) {

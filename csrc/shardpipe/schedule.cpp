@@ -63,9 +63,9 @@ std::string schedule_name(ScheduleKind kind) {
 Schedule Schedule::only(Phase phase) const {
   Schedule out = *this;
   for (auto& tasks : out.per_worker) {
-    tasks.erase(std::remove_if(tasks.begin(), tasks.end(),
-                               [&](const Task& t) { return t.phase != phase; }),
-                tasks.end());
+    tasks.erase(
+        std::remove_if(tasks.begin(), tasks.end(), [&](const Task& t) { return t.phase != phase; }),
+        tasks.end());
   }
   return out;
 }
@@ -74,8 +74,8 @@ Schedule make_schedule(ScheduleKind kind, int stages, int micro_batches, int wor
   if (stages < 1) throw std::invalid_argument("a schedule needs at least one stage");
   if (micro_batches < 1) throw std::invalid_argument("a schedule needs at least one micro-batch");
   if (workers < 1 || stages % workers != 0)
-    throw std::invalid_argument("workers (" + std::to_string(workers) +
-                                ") must divide stages (" + std::to_string(stages) + ")");
+    throw std::invalid_argument("workers (" + std::to_string(workers) + ") must divide stages (" +
+                                std::to_string(stages) + ")");
   if (kind != ScheduleKind::kInterleaved && workers != stages)
     throw std::invalid_argument("only the interleaved schedule puts several stages on a worker");
 

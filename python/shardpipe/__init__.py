@@ -9,19 +9,37 @@ The public surface at a glance:
 - ``sequentialize(model)``: a model as an ``nn.Sequential`` of its own blocks, same keys.
 - ``balance_by_time(model, sample, partitions)`` / ``balance_by_size(...)``: children per
   pipeline stage, minimising the slowest / largest stage.
+- ``ColumnParallelLinear`` / ``RowParallelLinear``: ``nn.Linear`` drop-ins sharded over
+  devices or a ``torch.distributed`` group; ``ShardedTensor`` (the activation between
+  them in one process), ``Shard``; ``parallelize(model, plan, ...)`` swaps layers in place.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.shardpipe.*)
-from . import _fake  # noqa: F401
+from . import _C, _fake  # noqa: F401  (register torch.ops.shardpipe.* and their fakes)
 from .balance import balance_by_size, balance_by_time
 from .batchnorm import DeferredBatchNorm
 from .copy import copy_to
+from .parallelize import parallelize
 from .pipeline import NoChunk, Pipeline
 from .sequentialize import sequentialize
+from .sharded_linear import ColumnParallelLinear, RowParallelLinear, Shard
+from .sharded_tensor import ShardedTensor
 from .trace import Trace
 
-__all__ = ["copy_to", "Pipeline", "NoChunk", "DeferredBatchNorm", "Trace", "sequentialize",
-           "balance_by_time", "balance_by_size"]
+__all__ = [
+    "ColumnParallelLinear",
+    "DeferredBatchNorm",
+    "NoChunk",
+    "Pipeline",
+    "RowParallelLinear",
+    "Shard",
+    "ShardedTensor",
+    "Trace",
+    "balance_by_size",
+    "balance_by_time",
+    "copy_to",
+    "parallelize",
+    "sequentialize",
+]
 __version__ = "0.1.0"

@@ -31,9 +31,9 @@ class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
         super().__init__(num_features, eps, momentum, affine, track_running_stats=True)
-        self.register_buffer("_sum", torch.zeros(num_features, dtype=torch.float64), persistent=False)
-        self.register_buffer("_sum_squares", torch.zeros(num_features, dtype=torch.float64),
-                             persistent=False)
+        zeros = torch.zeros(num_features, dtype=torch.float64)
+        self.register_buffer("_sum", zeros.clone(), persistent=False)
+        self.register_buffer("_sum_squares", zeros.clone(), persistent=False)
         self.register_buffer("_count", torch.zeros((), dtype=torch.float64), persistent=False)
         self._dim = None
 

@@ -164,6 +164,14 @@ class Pipeline(nn.Module):
         if deferred_batch_norm:
             module = DeferredBatchNorm.convert(module)
             children = list(module.named_children())
+        # Parameters and buffers that sequentialize keeps on the Sequential itself (ViT's
+        # class token) stay under their own names too; the child using them holds the same
+        # objects, so they move with its stage.
+        for name, param in module.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in module.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in
+                                 module._non_persistent_buffers_set)
         for name, child in children:
             self.add_module(name, child)
 

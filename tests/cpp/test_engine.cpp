@@ -24,7 +24,8 @@ struct Model {
   std::vector<StageFn> stages() {
     std::vector<StageFn> fns;
     for (auto& p : parts) {
-      fns.push_back([p](const Activations& in) -> Activations { return {p->forward(in[0])}; });
+      fns.push_back(
+          [p](const Activations& in) mutable -> Activations { return {p->forward(in[0])}; });
     }
     return fns;
   }
@@ -47,14 +48,15 @@ std::shared_ptr<Engine> make_engine(Model& model, int chunks, ScheduleKind kind,
   options.chunks = chunks;
   options.schedule = kind;
   options.checkpoint = checkpoint;
-  if (kind == ScheduleKind::kInterleaved) options.workers = static_cast<int>(model.parts.size()) / 2;
+  if (kind == ScheduleKind::kInterleaved)
+    options.workers = static_cast<int>(model.parts.size()) / 2;
   return Engine::create(model.stages(), options);
 }
 
 TEST(Engine, ForwardAndBackwardEqualSequentialExecution) {
   for (auto kind : {ScheduleKind::kGPipe, ScheduleKind::kOneFOneB, ScheduleKind::kInterleaved}) {
-    for (auto checkpoint : {CheckpointMode::kNever, CheckpointMode::kExceptLast,
-                            CheckpointMode::kAlways}) {
+    for (auto checkpoint :
+         {CheckpointMode::kNever, CheckpointMode::kExceptLast, CheckpointMode::kAlways}) {
       Model model(4);
       auto x = torch::randn({10, 8}).requires_grad_(true);
       auto want = model(x);
@@ -69,7 +71,8 @@ TEST(Engine, ForwardAndBackwardEqualSequentialExecution) {
       EXPECT_TRUE(torch::allclose(out[0], want, 1e-5, 1e-6));
       out[0].pow(2).sum().backward();
       auto got = model.grads();
-      for (size_t k = 0; k < got.size(); ++k) EXPECT_TRUE(torch::allclose(got[k], want_grads[k], 1e-4, 1e-6));
+      for (size_t k = 0; k < got.size(); ++k)
+        EXPECT_TRUE(torch::allclose(got[k], want_grads[k], 1e-4, 1e-6));
       EXPECT_TRUE(torch::allclose(x.grad(), want_x, 1e-4, 1e-6));
     }
   }

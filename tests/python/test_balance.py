@@ -4,10 +4,11 @@ import itertools
 import random
 
 import pytest
-import shardpipe
 import torch
-from shardpipe import _C
 from torch import nn
+
+import shardpipe
+from shardpipe import _C
 
 
 def compositions(n, parts):

@@ -351,3 +351,40 @@ def test_interpreter_exit_with_live_pipelines_does_not_hang():
                             timeout=60, env={**os.environ})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_resnet_train_mode_equals_micro_batched_baseline_and_eval_equals_model():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(12)
+    model = torchvision.models.resnet18(num_classes=5)
+    baseline = __import__("copy").deepcopy(model)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 5, (6,))
+
+    nn.functional.cross_entropy(micro_batched(baseline, x, 3), y).backward()
+    pipe = sp.Pipeline(sp.sequentialize(model), ["cpu", "cpu"], chunks=3)
+    assert list(pipe.state_dict()) == list(baseline.state_dict())
+    nn.functional.cross_entropy(pipe(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), baseline.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)
+    for (name, a), b in zip(pipe.state_dict().items(), baseline.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)  # BN running stats
+
+    pipe.eval()
+    baseline.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pipe(x), baseline(x), atol=1e-5, rtol=1e-4)
+
+
+def test_vit_class_token_stays_in_the_state_dict():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(13)
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2,
+                                               num_heads=2, hidden_dim=16, mlp_dim=32,
+                                               num_classes=3).eval()
+    x = torch.randn(4, 3, 16, 16)
+    want = vit(x)
+    pipe = sp.Pipeline(sp.sequentialize(vit), ["cpu", "cpu"], chunks=2)
+    assert list(pipe.state_dict()) == list(vit.state_dict())
+    torch.testing.assert_close(pipe(x), want)
+    pipe(x).sum().backward()
+    assert vit.class_token.grad is not None

@@ -5,10 +5,11 @@ import warnings
 from collections import OrderedDict
 
 import pytest
-import shardpipe
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import shardpipe
 
 models = pytest.importorskip("torchvision.models")
 from torchvision.models import convnext, efficientnet  # noqa: E402
