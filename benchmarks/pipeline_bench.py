@@ -12,6 +12,7 @@ import statistics
 import time
 
 import torch
+from _plots import gantt  # benchmarks/ is on sys.path when a script here runs
 from torch import nn
 
 import shardpipe as sp
@@ -92,34 +93,6 @@ def efficiency(width, depth, batch, chunks, repeats, trace_path=None):
         return seq_fwd / pipe_fwd, seq_train / pipe_train, bubble
     finally:
         torch.set_num_threads(threads)
-
-
-def gantt(trace, path, title):
-    """Write the trace as a Gantt chart: one row per worker, one bar per task."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    start = min(e["start_us"] for e in trace.events)
-    workers = sorted({e["worker"] for e in trace.events})
-    fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(workers)))
-    for e in trace.events:
-        color = "tab:blue" if e["phase"] == "forward" else "tab:orange"
-        left = (e["start_us"] - start) / 1e3
-        width = (e["end_us"] - e["start_us"]) / 1e3
-        ax.barh(e["worker"], width, left=left, color=color, edgecolor="black", linewidth=0.3)
-        ax.text(left + width / 2, e["worker"], str(e["micro_batch"]), ha="center", va="center",
-                fontsize=7, color="white")
-    ax.set_yticks(workers, [f"stage {w}" for w in workers])
-    ax.invert_yaxis()
-    ax.set_xlabel("ms (blue: forward, orange: backward)")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def resnet50_on_one_gpu(batch, chunks, repeats):
