@@ -6,5 +6,5 @@ cd "$ROOT"
 bash scripts/setup_env.sh
 export PATH="$ROOT/.venv/bin:$PATH"
 
-# The main job: the copy benchmark for now, the ResNet-50 pipeline example later.
-python benchmarks/copy_bench.py --max-bytes 16M "$@"
+# The main job: train torchvision's ResNet-50 as a pipeline and compare with one device.
+python examples/resnet50_pipeline.py "$@"
