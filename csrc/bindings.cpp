@@ -6,6 +6,9 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
+#include <mutex>
+#include <vector>
+
 #include "shardpipe/balance.h"
 #include "shardpipe/checkpoint.h"
 #include "shardpipe/engine.h"
@@ -23,6 +26,53 @@ std::shared_ptr<py::object> hold(py::object obj) {
     py::gil_scoped_acquire gil;
     delete p;
   });
+}
+
+// Thread states of engine threads that have ended, deleted under the GIL by the next caller:
+// a thread that ends inside a join must not wait for the GIL, which the joining thread may
+// hold.
+std::mutex ended_states_mutex;
+std::vector<PyThreadState*> ended_states;
+
+// Gives the calling thread a Python thread state that outlives one call. Without it every
+// GIL acquisition on an engine worker creates and destroys a thread state, which costs more
+// than the rest of a small task.
+class PersistentThreadState {
+ public:
+  PersistentThreadState() {
+    PyGILState_Ensure();  // creates the thread state; never released, it stays
+    saved_ = PyEval_SaveThread();
+  }
+  ~PersistentThreadState() {
+    std::lock_guard<std::mutex> lock(ended_states_mutex);
+    ended_states.push_back(saved_);
+  }
+
+ private:
+  PyThreadState* saved_;
+};
+
+// Makes the calling thread ready for a Python call: a kept thread state, the GIL is taken by
+// the caller after this. torch's autograd engine restores a Python error on the thread that
+// ran a failed backward before rethrowing it as a C++ exception; with a kept thread state
+// that indicator would outlive the failure, so it is cleared before the next call.
+void keep_thread_state() { thread_local PersistentThreadState state; }
+
+void clear_stale_error() {
+  if (PyErr_Occurred()) PyErr_Clear();
+}
+
+// Needs the GIL.
+void delete_ended_thread_states() {
+  std::vector<PyThreadState*> ended;
+  {
+    std::lock_guard<std::mutex> lock(ended_states_mutex);
+    ended.swap(ended_states);
+  }
+  for (auto* state : ended) {
+    PyThreadState_Clear(state);
+    PyThreadState_Delete(state);
+  }
 }
 
 // Carries the pending Python exception across C++ frames as torch's python_error, which
@@ -61,7 +111,10 @@ Activations as_activations(const py::handle& result, const char* what) {
 shardpipe::StageFn python_stage(py::object module) {
   auto fn = hold(std::move(module));
   return [fn](const Activations& input) -> Activations {
+    keep_thread_state();
     py::gil_scoped_acquire gil;
+    clear_stale_error();
+    delete_ended_thread_states();
     try {
       return as_activations((*fn)(as_argument(input)), "a pipeline stage");
     } catch (py::error_already_set& e) {
@@ -74,7 +127,9 @@ shardpipe::StageFn python_stage(py::object module) {
 shardpipe::LossFn python_loss(py::object loss_fn) {
   auto fn = hold(std::move(loss_fn));
   return [fn](const Activations& outputs, const Activations& targets) -> at::Tensor {
+    keep_thread_state();
     py::gil_scoped_acquire gil;
+    clear_stale_error();
     try {
       py::object loss = (*fn)(as_argument(outputs), as_argument(targets));
       if (!THPVariable_Check(loss.ptr())) {

@@ -8,6 +8,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -97,6 +98,9 @@ struct Step {
   at::ThreadLocalState tls;  // grad mode, autocast, ... of the thread that started the phase
   std::mutex mutex;
   std::condition_variable changed;
+  // Bumped (under `mutex`) at every change a waiting worker may care about; lets a worker
+  // spin briefly for its next task before paying for a sleep and a wake-up.
+  std::atomic<uint64_t> generation{0};
   int pending = 0;
   bool cancelled = false;
   std::exception_ptr error;
@@ -322,6 +326,7 @@ void Engine::execute(Step& step, const Schedule& schedule,
       // Notify under the lock: once `pending` reaches 0 the caller may free the step.
       std::lock_guard<std::mutex> lock(step.mutex);
       --step.pending;
+      step.generation++;
       step.changed.notify_all();
     });
   }
@@ -336,6 +341,23 @@ void Engine::execute(Step& step, const Schedule& schedule,
     std::rethrow_exception(error);
   }
 }
+
+namespace {
+
+// Waits until the step changes. Hand-offs between stages are frequent and a thread's sleep
+// and wake-up cost tens of microseconds, so it first spins (lock released) for a few.
+void wait_for_change(Step& step, std::unique_lock<std::mutex>& lock) {
+  const uint64_t seen = step.generation.load();
+  lock.unlock();
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+  while (step.generation.load() == seen && std::chrono::steady_clock::now() < until) {
+    std::this_thread::yield();
+  }
+  lock.lock();
+  step.changed.wait(lock, [&] { return step.generation.load() != seen; });
+}
+
+}  // namespace
 
 void Engine::run_lists(Step& step, const std::vector<const std::vector<Task>*>& lists) {
   at::ThreadLocalStateGuard tls_guard(step.tls);
@@ -361,7 +383,7 @@ void Engine::run_lists(Step& step, const std::vector<const std::vector<Task>*>& 
           if (ready((*lists[k])[next[k]])) task = &(*lists[k])[next[k]++];
         }
         if (task || finished) break;
-        step.changed.wait(lock);
+        wait_for_change(step, lock);
       }
     }
     if (!task) return;
@@ -375,6 +397,7 @@ void Engine::run_lists(Step& step, const std::vector<const std::vector<Task>*>& 
         step.where = describe(*task);
       }
       step.cancelled = true;
+      step.generation++;
       step.changed.notify_all();
       return;
     }
@@ -388,6 +411,7 @@ void Engine::run_lists(Step& step, const std::vector<const std::vector<Task>*>& 
     }
     std::lock_guard<std::mutex> lock(step.mutex);
     if (task->phase == Phase::kForward) step.at(task->stage, task->micro_batch).forward_done = true;
+    step.generation++;
     step.changed.notify_all();
   }
 }
@@ -531,6 +555,7 @@ void Engine::send(Step& step, const Activations& xs, int from_stage, int to_stag
     slot.input = std::move(moved);
     slot.has_input = true;
   }
+  step.generation++;
   step.changed.notify_all();
 }
 
