@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on a machine with a GPU, torch already installed and nothing to download:
 # builds shardpipe against that torch, runs the CUDA tests, runs the GPU benchmarks and
-# prints their tables. Finishes well within 8 minutes on one H100/H200.
+# prints their tables. Every step has a timeout; together they stay under 10 minutes.
 #   bash benchmarks/gpu_check.sh          (from the repository root or anywhere)
 # Each step is timed out on its own; a failing step is reported and the rest still run.
 set -uo pipefail
@@ -27,10 +27,14 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
 failed=0
-if step build 240 env MAX_JOBS=16 SHARDPIPE_WITH_CUDA=1 "$PY" setup.py --quiet build_ext --inplace; then
-  step cuda-tests 150 "$PY" -m pytest tests/python -m cuda -q -p no:cacheprovider || failed=1
-  # GPU benchmarks, one line each (pipeline_bench, tp_bench and resnet50 join here).
-  step copy-bench 120 "$PY" benchmarks/copy_bench.py --plot "$OUT/copy_bench.png" || failed=1
+if step build 200 env MAX_JOBS=16 SHARDPIPE_WITH_CUDA=1 "$PY" setup.py --quiet build_ext --inplace; then
+  step cuda-tests 120 "$PY" -m pytest tests/python -m cuda -q -p no:cacheprovider || failed=1
+  # GPU benchmarks, one line each; their timeouts keep the whole script under 10 minutes.
+  step copy-bench 60 "$PY" benchmarks/copy_bench.py --plot "$OUT/copy_bench.png" || failed=1
+  step pipeline-bench 60 "$PY" benchmarks/pipeline_bench.py --repeats 5 --out "$OUT" || failed=1
+  step tp-bench 60 "$PY" benchmarks/tp_bench.py --steps 3 --rounds 2 || failed=1
+  step resnet50 120 "$PY" benchmarks/resnet50.py --batches 3 --repeats 3 --chunks 1 2 4 8 \
+    --no-torch-pipelining || failed=1
 else
   failed=1
 fi
