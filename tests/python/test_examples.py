@@ -64,3 +64,15 @@ def test_resnet50_benchmark_runs_every_way_and_writes_its_plots(tmp_path):
         assert path.stat().st_size > 5000, f"{name} is nearly empty"
     trace = json.loads((tmp_path / "resnet50_timeline_1f1b.json").read_text())
     assert {e["cat"] for e in trace["traceEvents"]} == {"forward", "backward"}
+
+
+def test_pipeline_benchmark_prints_its_table_and_timeline(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = run_script(["benchmarks/pipeline_bench.py", "--quick", "--out", str(tmp_path)],
+                        timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "per-task cost" in result.stdout and "speed-up" in result.stdout
+    timeline = tmp_path / "pipeline_timeline.png"
+    assert timeline.exists() and timeline.stat().st_size > 5000
+    events = json.loads((tmp_path / "pipeline_timeline.json").read_text())["traceEvents"]
+    assert {e["cat"] for e in events} == {"forward", "backward"}
