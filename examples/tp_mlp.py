@@ -88,6 +88,10 @@ def main():
         verdict = "OK" if ok else "MISMATCH"
         print(f"{verdict}: largest loss difference {worst:.2e}, weight difference "
               f"{weights_apart:.2e}")
+    # Drop the layers (which hold the process group) and finish every collective while Python
+    # still runs: gloo's threads must not be left to finish work during interpreter exit.
+    del model, optimizers
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
 
