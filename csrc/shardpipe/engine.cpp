@@ -241,6 +241,18 @@ Engine::~Engine() { shutdown(); }
 
 void Engine::shutdown() { workers_.clear(); }
 
+const Schedule& Engine::schedule_for(int micro_batches, std::optional<Phase> phase) {
+  std::lock_guard<std::mutex> lock(schedules_mutex_);
+  const int key = phase ? static_cast<int>(*phase) : 2;
+  auto it = schedules_.find({micro_batches, key});
+  if (it == schedules_.end()) {
+    auto schedule = make_schedule(options_.schedule, stages(), micro_batches, options_.workers);
+    if (phase) schedule = schedule.only(*phase);
+    it = schedules_.emplace(std::make_pair(micro_batches, key), std::move(schedule)).first;
+  }
+  return it->second;  // std::map keeps references valid while entries are added
+}
+
 at::Device Engine::worker_device(int w) const { return options_.devices[w]; }
 
 void Engine::set_tracing(bool on) {
@@ -495,7 +507,7 @@ void Engine::run_forward(Step& step, int s, int i) {
     if (step.fused) step.losses[i] = detached[0];
     step.outputs[i] = std::move(detached);
   } else {
-    send(step, out, s, s + 1, i, /*grads=*/false);
+    send(step, out, s + 1, i, /*grads=*/false);
   }
 }
 
@@ -536,15 +548,14 @@ void Engine::run_backward(Step& step, int s, int i) {
   slot.rng = RngState();
   outputs.clear();
   if (s > 0) {
-    send(step, input_grads, s, s - 1, i, /*grads=*/true);
+    send(step, input_grads, s - 1, i, /*grads=*/true);
   } else {
     step.input_grads[i] = std::move(input_grads);
   }
 }
 
-void Engine::send(Step& step, const Activations& xs, int from_stage, int to_stage, int i,
-                  bool grads) {
-  (void)from_stage;  // the producer's stream is the current one
+void Engine::send(Step& step, const Activations& xs, int to_stage, int i, bool grads) {
+  // The producer's stream is the current one.
   Activations moved = transfer(xs, options_.devices[to_stage], streams_[to_stage]);
   std::lock_guard<std::mutex> lock(step.mutex);
   Slot& slot = step.at(to_stage, i);
@@ -562,7 +573,7 @@ void Engine::send(Step& step, const Activations& xs, int from_stage, int to_stag
 Activations Engine::forward(const Activations& inputs, const std::vector<bool>& batched) {
   auto step = scatter(inputs, batched);
   const int S = stages(), m = step->micro_batches;
-  auto schedule = make_schedule(options_.schedule, S, m, options_.workers).only(Phase::kForward);
+  const Schedule& schedule = schedule_for(m, Phase::kForward);
   execute(*step, schedule, std::nullopt);
 
   const at::Device last = options_.devices[S - 1];
@@ -615,7 +626,7 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
     slot.grad = transfer(g, options_.devices[S - 1], streams_[S - 1]);
     slot.has_grad = true;
   }
-  auto schedule = make_schedule(options_.schedule, S, m, options_.workers).only(Phase::kBackward);
+  const Schedule& schedule = schedule_for(m, Phase::kBackward);
   execute(step, schedule, inline_device);
 
   return input_gradients(step);
@@ -674,7 +685,7 @@ at::Tensor Engine::train_step(const Activations& inputs, const std::vector<bool>
                                           : static_cast<double>(step->sizes[i]) / step->batch);
   }
   step->losses.resize(m);
-  execute(*step, make_schedule(options_.schedule, S, m, options_.workers), std::nullopt);
+  execute(*step, schedule_for(m, std::nullopt), std::nullopt);
 
   auto here = current_stream(last);
   wait_stream(here, streams_[S - 1]);

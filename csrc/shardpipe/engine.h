@@ -4,7 +4,9 @@
 
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -97,13 +99,18 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // The gradient of each input of `forward`/`train_step` (undefined where none arrived), on
   // the input's own device, from the first stage's micro-batches.
   std::vector<at::Tensor> input_gradients(Step& step);
-  void send(Step& step, const Activations& xs, int from_stage, int to_stage, int i, bool grads);
+  void send(Step& step, const Activations& xs, int to_stage, int i, bool grads);
+  // The schedule for a micro-batch count (one phase, or both), made once and kept: the
+  // interleaved one is searched for by simulation.
+  const Schedule& schedule_for(int micro_batches, std::optional<Phase> phase);
   at::Device worker_device(int w) const;
 
   std::vector<StageFn> stages_;
   EngineOptions options_;
   std::vector<std::optional<c10::Stream>> streams_;  // per stage (none on the CPU)
   std::vector<std::unique_ptr<StageWorker>> workers_;
+  std::mutex schedules_mutex_;
+  std::map<std::pair<int, int>, Schedule> schedules_;
   bool tracing_ = false;
   std::mutex trace_mutex_;
   std::vector<TraceEvent> trace_;
