@@ -14,7 +14,8 @@ the same experiment, every way in one run on the same model and shapes:
 - ``shardpipe gpipe`` / ``shardpipe 1f1b``: ``shardpipe.Pipeline(...).train_step``.
 - ``torch pipelining``: ``torch.distributed.pipelining`` with ``ScheduleGPipe``, one
   process per stage (gloo on CPU, NCCL on GPUs), spawned by this script on a free loopback
-  port. It runs only the chunk counts that divide the batch.
+  port. It runs only the chunk counts that divide the batch. Its processes live through the
+  whole measurement and take their turn in every round like the other ways.
 
 Every pipelined way uses the same stages (``shardpipe.balance_by_time`` on a micro-batch of
 the sweep's middle chunk count, or ``--balance``) and the same micro-batches, and is swept
@@ -48,6 +49,7 @@ import argparse
 import copy
 import math
 import os
+import queue
 import socket
 import statistics
 import sys
@@ -138,29 +140,32 @@ class HandPipelinedResNet50(nn.Module):
         return torch.cat(outputs)
 
 
-def measure_interleaved(ways, repeats, devices):
-    """Seconds per run of all batches for every way: one warm-up step each, then ``repeats``
-    rounds that time each way once in turn, so that a busy spell of the machine spreads
-    over all ways instead of spoiling one. Returns (way, split, chunks, samples) rows."""
-    def set_threads(count):
-        if count is not None:
-            torch.set_num_threads(count)
+def timed_run(threads, step, batches, devices):
+    """A run of ``step`` over all batches with ``threads`` intra-op threads; returns seconds."""
+    def run():
+        if threads is not None:
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        for images, labels in batches:
+            step(images, labels)
+        synchronize(devices)
+        return time.perf_counter() - start
 
-    for _, _, _, threads, step, batches in ways:
-        set_threads(threads)
-        step(*batches[0])
-    synchronize(devices)
+    return run
+
+
+def measure_interleaved(ways, repeats):
+    """Seconds per run of all batches for every way: one warm-up run each, then ``repeats``
+    rounds that time each way once in turn, so that a busy spell of the machine spreads
+    over all ways instead of spoiling one. ``ways`` holds (way, split, chunks, run) rows,
+    ``run()`` returning the seconds of one run; returns (way, split, chunks, samples) rows."""
+    for *_, run in ways:
+        run()
     samples = [[] for _ in ways]
     for _ in range(repeats):
-        for (_, _, _, threads, step, batches), times in zip(ways, samples):
-            set_threads(threads)
-            start = time.perf_counter()
-            for images, labels in batches:
-                step(images, labels)
-            synchronize(devices)
-            times.append(time.perf_counter() - start)
-    return [(way, split, chunks, times)
-            for (way, split, chunks, *_), times in zip(ways, samples)]
+        for (*_, run), times in zip(ways, samples):
+            times.append(run())
+    return [(way, split, chunks, times) for (way, split, chunks, _), times in zip(ways, samples)]
 
 
 def module_step(module, lr):
@@ -202,19 +207,23 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torch_pipelining_worker(rank, port, args, balance, chunk_list, results):
-    """One stage of ``torch.distributed.pipelining`` (ScheduleGPipe); rank 0 reports."""
+def torch_pipelining_worker(rank, port, args, balance, chunk_list, commands, results):
+    """One stage of ``torch.distributed.pipelining`` (ScheduleGPipe), kept alive between runs.
+
+    It builds one schedule per chunk count, warms each up, says it is ready, then runs one
+    timed run of all batches for every chunk count that ``commands`` names, until None;
+    rank 0 reports the seconds (or the error) on ``results``."""
     devices = [torch.device(d) for d in args.devices]
     device = devices[rank]
     world = len(devices)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    else:
-        torch.cuda.set_device(device)
-    dist.init_process_group("gloo" if device.type == "cpu" else "nccl",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=args.peer_timeout))
     try:
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        else:
+            torch.cuda.set_device(device)
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=args.peer_timeout))
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
         torch.manual_seed(args.seed)
@@ -222,13 +231,16 @@ def torch_pipelining_worker(rank, port, args, balance, chunk_list, results):
         module = stage_modules(model, balance, devices)[rank]
         del model
         batches = make_batches(args, device, device)
-        times = {}
-        for chunks in chunk_list:
-            stage = PipelineStage(module, rank, world, device)
-            schedule = ScheduleGPipe(stage, chunks, loss_fn=F.mse_loss)
-            optimizer = torch.optim.SGD(module.parameters(), lr=args.lr)
+        optimizer = torch.optim.SGD(module.parameters(), lr=args.lr)
+        schedules = {chunks: ScheduleGPipe(PipelineStage(module, rank, world, device), chunks,
+                                           loss_fn=F.mse_loss)
+                     for chunks in chunk_list}
 
-            def step(images, labels, schedule=schedule, optimizer=optimizer):
+        def run(chunks):
+            schedule = schedules[chunks]
+            dist.barrier()
+            start = time.perf_counter()
+            for images, labels in batches:
                 optimizer.zero_grad()
                 if rank == 0:
                     schedule.step(images, return_outputs=False)
@@ -237,31 +249,78 @@ def torch_pipelining_worker(rank, port, args, balance, chunk_list, results):
                 else:
                     schedule.step(return_outputs=False)
                 optimizer.step()
+            synchronize([device])
+            dist.barrier()
+            return time.perf_counter() - start
 
-            step(*batches[0])
-            samples = []
-            for _ in range(args.repeats):
-                dist.barrier()
-                start = time.perf_counter()
-                for images, labels in batches:
-                    step(images, labels)
-                synchronize([device])
-                dist.barrier()
-                samples.append(time.perf_counter() - start)
-            times[chunks] = samples
+        for chunks in chunk_list:
+            run(chunks)
         if rank == 0:
-            results.put(times)
+            results.put(("ready", None))
+        while (chunks := commands.get()) is not None:
+            seconds = run(chunks)
+            if rank == 0:
+                results.put(("seconds", seconds))
+    except BaseException as error:
+        results.put(("error", f"rank {rank}: {type(error).__name__}: {error}"))
+        raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run_torch_pipelining(args, balance, chunk_list):
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    mp.start_processes(torch_pipelining_worker, args=(free_port(), args, balance, chunk_list,
-                                                      results),
-                       nprocs=len(args.devices), join=True, start_method="spawn")
-    return results.get()
+class TorchPipeliningPeer:
+    """``torch.distributed.pipelining`` on one process per stage, driven run by run from here
+    so that its runs take turns with the in-process ways (see ``measure_interleaved``)."""
+
+    def __init__(self, args, balance, chunk_list):
+        context = mp.get_context("spawn")
+        self.timeout = args.peer_timeout
+        self.results = context.Queue()
+        self.commands = [context.Queue() for _ in args.devices]
+        port = free_port()
+        self.processes = [
+            context.Process(target=torch_pipelining_worker,
+                            args=(rank, port, args, balance, chunk_list, commands, self.results))
+            for rank, commands in enumerate(self.commands)]
+        for process in self.processes:
+            process.start()
+        self._receive("ready")
+
+    def _receive(self, expected):
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            try:
+                kind, value = self.results.get(timeout=1)
+            except queue.Empty:
+                dead = [p.exitcode for p in self.processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError("torch pipelining: a stage process exited with "
+                                       f"{dead[0]}") from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"torch pipelining failed: {value}")
+            assert kind == expected, (kind, expected)
+            return value
+        raise TimeoutError(f"torch pipelining: no answer within --peer-timeout {self.timeout} s")
+
+    def runner(self, chunks):
+        """A ``run()`` for ``measure_interleaved``: one timed run of all batches."""
+        def run():
+            for commands in self.commands:
+                commands.put(chunks)
+            return self._receive("seconds")
+
+        return run
+
+    def close(self):
+        for commands in self.commands:
+            commands.put(None)
+        for process in self.processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.terminate()
+                process.join()
 
 
 def parse_args():
@@ -324,31 +383,46 @@ def main():
     sample = batches[0][0][:split_size(args.batch, middle)]
     balance = args.balance or sp.balance_by_time(initial, sample, stages, device=devices[0])
 
-    # (way, split size, chunks, intra-op threads, step, batches)
-    ways = [(f"single device ({stages} threads)" if on_cpu else "single device", None, None,
-             stages if on_cpu else None, module_step(fresh().to(devices[0]), args.lr),
-             single_batches)]
+    def way(name, split, chunks, threads, step, way_batches):
+        return name, split, chunks, timed_run(threads, step, way_batches, devices)
+
+    ways = [way(f"single device ({stages} threads)" if on_cpu else "single device", None, None,
+                stages if on_cpu else None, module_step(fresh().to(devices[0]), args.lr),
+                single_batches)]
     if on_cpu:
-        ways.append(("single device, 1 thread", None, None, 1,
-                     module_step(fresh().to(devices[0]), args.lr), single_batches))
+        ways.append(way("single device, 1 thread", None, None, 1,
+                        module_step(fresh().to(devices[0]), args.lr), single_batches))
     hand = HandPipelinedResNet50(fresh(), balance, devices, args.batch)
-    ways.append(("naive split", args.batch, 1, stage_threads, hand_step(hand, args.batch, args.lr),
-                 batches))
+    ways.append(way("naive split", args.batch, 1, stage_threads,
+                    hand_step(hand, args.batch, args.lr), batches))
     for chunks in args.chunks:
         if chunks > 1:  # one split is the naive split itself
             split = split_size(args.batch, chunks)
-            ways.append(("hand-written", split, chunks, stage_threads,
-                         hand_step(hand, split, args.lr), batches))
+            ways.append(way("hand-written", split, chunks, stage_threads,
+                            hand_step(hand, split, args.lr), batches))
     pipes = {}
     for schedule in ("gpipe", "1f1b"):
         for chunks in args.chunks:
             pipe = sp.Pipeline(sp.sequentialize(fresh()), devices, chunks=chunks,
                                balance=balance, schedule=schedule)
             pipes[schedule, chunks] = pipe
-            ways.append((f"shardpipe {schedule}", split_size(args.batch, chunks), chunks,
-                         stage_threads, pipeline_step(pipe, args.lr), batches))
+            ways.append(way(f"shardpipe {schedule}", split_size(args.batch, chunks), chunks,
+                            stage_threads, pipeline_step(pipe, args.lr), batches))
 
-    rows = measure_interleaved(ways, args.repeats, devices)
+    peer, peer_note = None, None
+    if not args.torch_pipelining:
+        peer_note = "torch pipelining: skipped (--no-torch-pipelining)"
+    elif len(set(devices)) < len(devices) and not on_cpu:
+        peer_note = "torch pipelining: skipped (NCCL needs one device per process)"
+    else:
+        even = [c for c in args.chunks if args.batch % c == 0]
+        peer = TorchPipeliningPeer(args, balance, even)
+        ways += [("torch pipelining", split_size(args.batch, c), c, peer.runner(c)) for c in even]
+    try:
+        rows = measure_interleaved(ways, args.repeats)
+    finally:
+        if peer is not None:
+            peer.close()
     if 1 in args.chunks:
         naive = next(r for r in rows if r[0] == "naive split")
         rows.insert(rows.index(naive) + 1, ("hand-written",) + naive[1:])
@@ -370,18 +444,7 @@ def main():
         timelines.append((schedule, trace.bubble_fraction()))
     for pipe in pipes.values():
         pipe.close()
-    del ways, pipes, hand
-
     torch.set_num_threads(threads)
-    peer_note = None
-    if not args.torch_pipelining:
-        peer_note = "torch pipelining: skipped (--no-torch-pipelining)"
-    elif len(set(devices)) < len(devices) and not on_cpu:
-        peer_note = "torch pipelining: skipped (NCCL needs one device per process)"
-    else:
-        even = [c for c in args.chunks if args.batch % c == 0]
-        for chunks, samples in sorted(run_torch_pipelining(args, balance, even).items()):
-            rows.append(("torch pipelining", split_size(args.batch, chunks), chunks, samples))
 
     report(args, rows, balance, timelines, peer_note)
 
