@@ -18,8 +18,9 @@ the same experiment, every way in one run on the same model and shapes:
   whole measurement and take their turn in every round like the other ways.
 
 Every pipelined way uses the same stages (``shardpipe.balance_by_time`` on a micro-batch of
-the sweep's middle chunk count, or ``--balance``) and the same micro-batches, and is swept
-over ``--chunks`` (split size = batch / chunks, rounded up). Times are per run of
+the sweep's middle chunk count, or ``--balance``; a stage may end inside ``layer1``..
+``layer4`` as with ``Pipeline(nested=True)``, unless ``--no-nested``) and the same
+micro-batches, and is swept over ``--chunks`` (split size = batch / chunks, rounded up). Times are per run of
 ``--batches`` training steps, mean ± std over ``--repeats`` runs after one warm-up step; the
 ratio is the single device's time over the way's (above 1: faster). Never fails on time.
 
@@ -66,6 +67,7 @@ from _plots import bars, curves, gantt  # benchmarks/ is on sys.path when a scri
 from torch import nn
 
 import shardpipe as sp
+from shardpipe.sequentialize import _blocks
 
 
 def default_devices():
@@ -99,12 +101,14 @@ def split_size(batch, chunks):
     return math.ceil(batch / chunks)
 
 
-def stage_modules(model, balance, devices):
-    """The model's sequential children cut by ``balance``, stage s moved to devices[s]."""
-    children = list(sp.sequentialize(model).named_children())
+def stage_modules(model, balance, devices, nested):
+    """The model's blocks cut by ``balance`` as ``shardpipe.Pipeline`` cuts them (the same
+    private helper), stage s moved to devices[s]."""
+    blocks = _blocks(sp.sequentialize(model), nested)
     stages, start = [], 0
     for size, device in zip(balance, devices):
-        stages.append(nn.Sequential(OrderedDict(children[start:start + size])).to(device))
+        stages.append(nn.Sequential(*[block for _, block in blocks[start:start + size]]))
+        stages[-1].to(device)
         start += size
     return stages
 
@@ -117,10 +121,10 @@ class HandPipelinedResNet50(nn.Module):
     on the next one. With one split it is the tutorial's plain model-parallel class.
     """
 
-    def __init__(self, model, balance, devices, split_size):
+    def __init__(self, model, balance, devices, split_size, nested):
         super().__init__()
         self.devices = [torch.device(d) for d in devices]
-        self.stages = nn.ModuleList(stage_modules(model, balance, self.devices))
+        self.stages = nn.ModuleList(stage_modules(model, balance, self.devices, nested))
         self.split_size = split_size
 
     def forward(self, x):
@@ -228,7 +232,7 @@ def torch_pipelining_worker(rank, port, args, balance, chunk_list, commands, res
 
         torch.manual_seed(args.seed)
         model = torchvision.models.resnet50(num_classes=args.classes)
-        module = stage_modules(model, balance, devices)[rank]
+        module = stage_modules(model, balance, devices, args.nested)[rank]
         del model
         batches = make_batches(args, device, device)
         optimizer = torch.optim.SGD(module.parameters(), lr=args.lr)
@@ -336,7 +340,10 @@ def parse_args():
     parser.add_argument("--chunks", type=int, nargs="+", default=None,
                         help="micro-batch counts to sweep (default 1, 2, 4, ... up to batch)")
     parser.add_argument("--balance", type=int, nargs="+", default=None,
-                        help="children per stage (default: shardpipe.balance_by_time)")
+                        help="blocks per stage (default: shardpipe.balance_by_time)")
+    parser.add_argument("--no-nested", dest="nested", action="store_false",
+                        help="cut between top-level children only (11 for ResNet-50) instead "
+                             "of blocks (23: layer1..layer4 opened, Pipeline(nested=True))")
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-torch-pipelining", dest="torch_pipelining", action="store_false",
@@ -381,7 +388,8 @@ def main():
     # Profiled on a micro-batch of the middle of the sweep: the stage times that matter.
     middle = sorted(args.chunks)[len(args.chunks) // 2]
     sample = batches[0][0][:split_size(args.batch, middle)]
-    balance = args.balance or sp.balance_by_time(initial, sample, stages, device=devices[0])
+    balance = args.balance or sp.balance_by_time(initial, sample, stages, device=devices[0],
+                                                 nested=args.nested)
 
     def way(name, split, chunks, threads, step, way_batches):
         return name, split, chunks, timed_run(threads, step, way_batches, devices)
@@ -392,7 +400,7 @@ def main():
     if on_cpu:
         ways.append(way("single device, 1 thread", None, None, 1,
                         module_step(fresh().to(devices[0]), args.lr), single_batches))
-    hand = HandPipelinedResNet50(fresh(), balance, devices, args.batch)
+    hand = HandPipelinedResNet50(fresh(), balance, devices, args.batch, args.nested)
     ways.append(way("naive split", args.batch, 1, stage_threads,
                     hand_step(hand, args.batch, args.lr), batches))
     for chunks in args.chunks:
@@ -404,7 +412,7 @@ def main():
     for schedule in ("gpipe", "1f1b"):
         for chunks in args.chunks:
             pipe = sp.Pipeline(sp.sequentialize(fresh()), devices, chunks=chunks,
-                               balance=balance, schedule=schedule)
+                               balance=balance, schedule=schedule, nested=args.nested)
             pipes[schedule, chunks] = pipe
             ways.append(way(f"shardpipe {schedule}", split_size(args.batch, chunks), chunks,
                             stage_threads, pipeline_step(pipe, args.lr), batches))

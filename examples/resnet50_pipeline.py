@@ -1,11 +1,12 @@
 """Train torchvision's ResNet-50 as a shardpipe pipeline, checked against the one-device run.
 
 The model is the stock ``torchvision.models.resnet50`` (random init, nothing downloaded); the
-data are synthetic ImageNet-shaped batches. Wrapping it takes three lines::
+data are synthetic ImageNet-shaped batches. Wrapping it takes three lines (``nested=True``
+lets a stage end inside ``layer3``, which balances two stages better)::
 
     model = torchvision.models.resnet50(num_classes=1000)
-    pipe = shardpipe.Pipeline(shardpipe.sequentialize(model), devices, chunks=4,
-                              balance=shardpipe.balance_by_time(model, sample, len(devices)))
+    balance = shardpipe.balance_by_time(model, sample, len(devices), nested=True)
+    pipe = shardpipe.Pipeline(model, devices, chunks=4, balance=balance, nested=True)
     loss = pipe.train_step(images, labels, F.cross_entropy); optimizer.step()
 
 Devices: every GPU when there are several, two stages on the GPU when there is one, else two
@@ -74,9 +75,9 @@ def train_pipeline(model, devices, batches, args):
     """Returns the pipeline, its losses, the seconds of the timed steps and one step's trace."""
     micro = -(-args.batch // args.chunks)  # the first micro-batch, as torch.chunk cuts it
     sample = batches[0][0][:micro].to(devices[0])
-    balance = sp.balance_by_time(model, sample, len(devices), device=devices[0])
+    balance = sp.balance_by_time(model, sample, len(devices), device=devices[0], nested=True)
     pipe = sp.Pipeline(sp.sequentialize(model), devices, chunks=args.chunks, balance=balance,
-                       schedule=args.schedule)
+                       schedule=args.schedule, nested=True)
     optimizer = torch.optim.SGD(pipe.parameters(), lr=args.lr, momentum=0.9)
 
     losses, seconds, trace = [], 0.0, None
@@ -181,7 +182,7 @@ def main():
     pipe.close()
 
     print(f"devices: {', '.join(results['devices'])}  (CPU: {os.cpu_count()} cores)")
-    print(f"balance (children per stage, by balance_by_time): {results['balance']}")
+    print(f"balance (blocks per stage, by balance_by_time): {results['balance']}")
     print(f"throughput: {results['images_per_s']:.1f} images/s ({args.schedule}, "
           f"{args.chunks} micro-batches of {args.image_size}x{args.image_size} images, "
           f"{torch.get_num_threads()} intra-op thread(s) per CPU stage)")

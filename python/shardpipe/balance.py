@@ -16,12 +16,12 @@ from torch.utils import _pytree as pytree
 
 from . import _C
 from ._devices import as_device
-from .sequentialize import sequentialize
+from .sequentialize import _blocks, sequentialize
 
 __all__ = ["balance_by_size", "balance_by_time"]
 
 
-def balance_by_time(model, sample, partitions, device=None, repeats=5):
+def balance_by_time(model, sample, partitions, device=None, repeats=5, nested=False):
     """Balance a pipeline by the time each child takes for forward and backward.
 
     Each child of ``model`` (of ``sequentialize(model)`` if it is not an ``nn.Sequential``)
@@ -36,9 +36,11 @@ def balance_by_time(model, sample, partitions, device=None, repeats=5):
         partitions: the number of stages.
         device: where to profile; defaults to ``sample``'s device.
         repeats: timed runs per child.
+        nested: balance blocks instead of children, as ``Pipeline(..., nested=True)``
+            cuts them (a child that is a plain ``nn.Sequential`` counts as its children).
 
     Returns:
-        list[int]: children per stage, summing to the number of children, none zero.
+        list[int]: children (blocks) per stage, summing to their number, none zero.
 
     Example::
 
@@ -51,7 +53,7 @@ def balance_by_time(model, sample, partitions, device=None, repeats=5):
         raise TypeError(f"repeats must be an int, got {type(repeats).__name__}")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    layers, sample, partitions, device = _check(model, sample, partitions, device)
+    layers, sample, partitions, device = _check(model, sample, partitions, device, nested)
 
     def cost(layer, x):
         _forward_backward(layer, _fresh(x))  # warm-up: first-call allocations, kernel choice
@@ -69,7 +71,7 @@ def balance_by_time(model, sample, partitions, device=None, repeats=5):
     return _C.balance_partition(_profile(layers, sample, device, cost), partitions)
 
 
-def balance_by_size(model, sample, partitions, device=None, param_scale=2.0):
+def balance_by_size(model, sample, partitions, device=None, param_scale=2.0, nested=False):
     """Balance a pipeline by the memory each child holds during training.
 
     A child's cost is ``param_scale`` times the bytes of its parameters, plus the bytes of
@@ -86,9 +88,10 @@ def balance_by_size(model, sample, partitions, device=None, param_scale=2.0):
         device: where to run the forward; defaults to ``sample``'s device.
         param_scale: bytes per parameter byte: 2.0 counts weights and their gradients;
             use 4.0 for Adam (two moments more).
+        nested: balance blocks instead of children (see :func:`balance_by_time`).
 
     Returns:
-        list[int]: children per stage, summing to the number of children, none zero.
+        list[int]: children (blocks) per stage, summing to their number, none zero.
 
     Example::
 
@@ -101,7 +104,7 @@ def balance_by_size(model, sample, partitions, device=None, param_scale=2.0):
         raise TypeError(f"param_scale must be a number, got {type(param_scale).__name__}")
     if not param_scale >= 0:
         raise ValueError(f"param_scale must be non-negative, got {param_scale}")
-    layers, sample, partitions, device = _check(model, sample, partitions, device)
+    layers, sample, partitions, device = _check(model, sample, partitions, device, nested)
 
     def cost(layer, x):
         params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
@@ -123,17 +126,18 @@ def balance_by_size(model, sample, partitions, device=None, param_scale=2.0):
     return _C.balance_partition(_profile(layers, sample, device, cost), partitions)
 
 
-def _check(model, sample, partitions, device):
+def _check(model, sample, partitions, device, nested):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
     if not isinstance(partitions, int) or isinstance(partitions, bool):
         raise TypeError(f"partitions must be an int, got {type(partitions).__name__}")
-    layers = list(sequentialize(model).children())
+    layers = [block for _, block in _blocks(sequentialize(model), nested)]
+    what = "blocks" if nested else "children"
     if not 1 <= partitions <= len(layers):
         raise ValueError(
-            f"partitions must be between 1 and {len(layers)} (the number of children of "
+            f"partitions must be between 1 and {len(layers)} (the number of {what} of "
             f"the sequentialized model), got {partitions}"
         )
     device = sample.device if device is None else as_device(device, "device")

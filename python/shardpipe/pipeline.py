@@ -11,6 +11,7 @@ from torch import nn
 from . import _C
 from ._devices import as_device
 from .batchnorm import DeferredBatchNorm
+from .sequentialize import _blocks
 from .trace import Trace
 
 __all__ = ["Pipeline", "NoChunk"]
@@ -62,11 +63,23 @@ def _check_choice(value, name, allowed):
     return value
 
 
-def _default_balance(children, stages):
-    # Even split by parameter count; every child also counts one, so parameter-free layers
+def _default_balance(blocks, stages):
+    # Even split by parameter count; every block also counts one, so parameter-free layers
     # are spread out too.
-    costs = [1.0 + sum(p.numel() for p in child.parameters()) for _, child in children]
+    costs = [1.0 + sum(p.numel() for p in block.parameters()) for _, block in blocks]
     return list(_C.balance_partition(costs, stages))
+
+
+def _stage_module(blocks):
+    # Stage modules live outside the module tree, so their child names are free; a nested
+    # block's dotted name gets underscores (a child name cannot hold a dot), made unique.
+    named = OrderedDict()
+    for name, block in blocks:
+        name = name.replace(".", "_")
+        while name in named:
+            name += "_"
+        named[name] = block
+    return nn.Sequential(named)
 
 
 def _flatten_inputs(inputs):
@@ -109,8 +122,9 @@ class Pipeline(nn.Module):
             stage ``s`` runs on ``devices[s % len(devices)]``.
         chunks: micro-batches per mini-batch; a smaller batch runs one sample per
             micro-batch.
-        balance: how many children each stage gets (default: an even split by parameter
-            count; :func:`shardpipe.balance_by_time` computes a better one).
+        balance: how many children (blocks, with ``nested=True``) each stage gets
+            (default: an even split by parameter count; :func:`shardpipe.balance_by_time`
+            computes a better one).
         schedule: ``"gpipe"`` (fill-drain), ``"1f1b"`` (with :meth:`train_step`: at most
             ``stages`` micro-batches of activations alive per stage) or ``"interleaved"``
             (1F1B over several virtual stages per device; default two per device).
@@ -119,6 +133,11 @@ class Pipeline(nn.Module):
             random-number state so dropout agrees.
         deferred_batch_norm: replace BatchNorm layers by :class:`DeferredBatchNorm`, so the
             running statistics after a step equal those of one full-batch step.
+        nested: cut at a finer grain: a child that is a plain ``nn.Sequential`` (ResNet's
+            ``layer3``, VGG's ``features``) counts as its own children, so a stage boundary
+            may fall inside it and ``balance`` counts these blocks (ResNet-50: 23 instead
+            of 11). Keys and values of ``state_dict()`` are unchanged; hooks on the opened
+            ``Sequential`` itself do not run, its children's do.
 
     Example::
 
@@ -126,10 +145,17 @@ class Pipeline(nn.Module):
         >>> pipe = shardpipe.Pipeline(model, devices=["cpu", "cpu"], chunks=4)
         >>> out = pipe(torch.randn(32, 8))
         >>> out.sum().backward()
+
+    Cutting inside ResNet's ``layer3`` (23 blocks instead of 11 children)::
+
+        >>> model = torchvision.models.resnet50()
+        >>> balance = shardpipe.balance_by_time(model, x[:16], 2, nested=True)
+        >>> pipe = shardpipe.Pipeline(model, ["cuda:0", "cuda:1"], chunks=8,
+        ...                           balance=balance, nested=True)
     """
 
     def __init__(self, module, devices, chunks=1, balance=None, schedule="gpipe",
-                 checkpoint="never", deferred_batch_norm=False):
+                 checkpoint="never", deferred_batch_norm=False, nested=False):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -150,20 +176,22 @@ class Pipeline(nn.Module):
             raise TypeError("deferred_batch_norm must be a bool, got "
                             f"{type(deferred_batch_norm).__name__}")
 
-        children = list(module.named_children())
+        blocks = _blocks(module, nested)
+        what = "blocks (children, nested Sequentials opened)" if nested else "children"
         if balance is None:
             stages = len(devices) * (2 if schedule == "interleaved" else 1)
-            if schedule == "interleaved" and stages > len(children):
+            if schedule == "interleaved" and stages > len(blocks):
                 stages = len(devices)
-            if stages > len(children):
+            if stages > len(blocks):
                 raise ValueError(f"devices lists {len(devices)} devices, but the module has only "
-                                 f"{len(children)} children to split into stages")
-            balance = _default_balance(children, stages)
-        balance = self._check_balance(balance, len(children), len(devices), schedule)
+                                 f"{len(blocks)} {what} to split into stages")
+            balance = _default_balance(blocks, stages)
+        balance = self._check_balance(balance, len(blocks), what, len(devices), schedule)
 
         if deferred_batch_norm:
             module = DeferredBatchNorm.convert(module)
-            children = list(module.named_children())
+            blocks = _blocks(module, nested)
+        children = list(module.named_children())
         # Parameters and buffers that sequentialize keeps on the Sequential itself (ViT's
         # class token) stay under their own names too; the child using them holds the same
         # objects, so they move with its stage.
@@ -178,13 +206,13 @@ class Pipeline(nn.Module):
         stage_devices = [devices[s % len(devices)] for s in range(len(balance))]
         stages, start = [], 0
         for size, device in zip(balance, stage_devices):
-            stage = nn.Sequential(OrderedDict(children[start:start + size]))
-            stages.append(stage.to(device))
+            stages.append(_stage_module(blocks[start:start + size]).to(device))
             start += size
         # Stages share the children registered above; kept out of the module tree so that
         # state_dict keys stay the model's.
         self.__dict__["_stages"] = tuple(stages)
         self._devices = stage_devices
+        self._block_names = [name for name, _ in blocks]
         self._balance = list(balance)
         self._chunks = chunks
         self._schedule = schedule
@@ -196,7 +224,7 @@ class Pipeline(nn.Module):
         _live.add(self)
 
     @staticmethod
-    def _check_balance(balance, children, devices, schedule):
+    def _check_balance(balance, blocks, what, devices, schedule):
         if not isinstance(balance, (list, tuple)):
             raise TypeError(f"balance must be a list of ints, got {type(balance).__name__}")
         for i, b in enumerate(balance):
@@ -204,8 +232,8 @@ class Pipeline(nn.Module):
                 raise TypeError(f"balance[{i}] must be an int, got {type(b).__name__}")
             if b < 1:
                 raise ValueError(f"balance[{i}] must be at least 1 (no empty stages), got {b}")
-        if sum(balance) != children:
-            raise ValueError(f"balance must sum to the module's {children} children, got "
+        if sum(balance) != blocks:
+            raise ValueError(f"balance must sum to the module's {blocks} {what}, got "
                              f"{list(balance)} (sum {sum(balance)})")
         if schedule == "interleaved":
             if len(balance) % devices != 0:
@@ -228,7 +256,7 @@ class Pipeline(nn.Module):
 
     @property
     def balance(self):
-        """How many children each stage holds."""
+        """How many children (blocks, with ``nested=True``) each stage holds."""
         return list(self._balance)
 
     @property
@@ -238,7 +266,7 @@ class Pipeline(nn.Module):
     def extra_repr(self):
         parts = []
         start = 0
-        names = [name for name, _ in self.named_children()]
+        names = self._block_names
         for s, (size, device) in enumerate(zip(self._balance, self._devices)):
             parts.append(f"stage {s} on {device}: {', '.join(names[start:start + size])}")
             start += size

@@ -126,13 +126,34 @@ def sequentialize(model):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+    if _plain_sequential(model):
         return model
     family = _torchvision_family(model)
     if family is not None:
         children, root_tensors = family(model)
         return _assemble(model, children, root_tensors)
     return _split_with_fx(model)
+
+
+def _blocks(module, nested):
+    """The (name, module) pairs a pipeline cuts into stages: ``module``'s children, and with
+    ``nested`` the children of each child that is a plain ``nn.Sequential`` (named
+    ``"layer3.0"``...) in its place, so a stage boundary can fall inside it. The children
+    stay where they are, so ``state_dict`` keys do not change."""
+    if not isinstance(nested, bool):
+        raise TypeError(f"nested must be a bool, got {type(nested).__name__}")
+    blocks = []
+    for name, child in module.named_children():
+        if nested and _plain_sequential(child) and len(child) > 0:
+            blocks += [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
+        else:
+            blocks.append((name, child))
+    return blocks
+
+
+def _plain_sequential(module):
+    # A subclass with its own forward does more than run its children in order.
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 # --- torchvision families -------------------------------------------------------------------
@@ -447,10 +468,6 @@ def _split_with_fx(model):
     seq = _assemble(model, children, root_tensors)
     _warn_about_keys(model, seq, renamed)
     return seq
-
-
-def _first_name(target):
-    return target.split(".", 1)[0]
 
 
 def _alive_value(ops, cut, source, output):

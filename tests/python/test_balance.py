@@ -126,6 +126,24 @@ def test_helpers_sequentialize_other_models(one_thread):
         assert len(balance) == 3 and sum(balance) == children and min(balance) >= 1
 
 
+def test_nested_balances_blocks_as_the_pipeline_cuts_them(one_thread):
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = models.resnet18(num_classes=10)
+    sample = torch.randn(2, 3, 32, 32)
+    blocks = 15  # ResNet-18: 4 stem children, 4 layers of 2 blocks, avgpool, flatten, fc
+    for balance in (
+        shardpipe.balance_by_time(model, sample, 3, repeats=1, nested=True),
+        shardpipe.balance_by_size(model, sample, 3, nested=True),
+    ):
+        assert len(balance) == 3 and sum(balance) == blocks and min(balance) >= 1
+        shardpipe.Pipeline(model, ["cpu"] * 3, balance=balance, nested=True).close()
+    with pytest.raises(ValueError, match="between 1 and 15 .*blocks"):
+        shardpipe.balance_by_size(model, sample, 16, nested=True)
+    with pytest.raises(TypeError, match="nested must be a bool"):
+        shardpipe.balance_by_time(model, sample, 2, nested=None)
+
+
 def test_param_scale_weighs_parameters_against_activations():
     class Expand(nn.Module):
         # No parameters, a large activation saved for backward.

@@ -301,6 +301,7 @@ def test_loss_fn_errors_reach_the_caller():
     (dict(checkpoint="sometimes"), ValueError, "checkpoint"),
     (dict(devices=["cpu"] * 7, balance=None), ValueError, "children"),
     (dict(deferred_batch_norm=1), TypeError, "deferred_batch_norm"),
+    (dict(nested="yes"), TypeError, "nested"),
 ])
 def test_bad_arguments(kwargs, error, match):
     args = dict(devices=["cpu", "cpu"], balance=[3, 3])
@@ -373,6 +374,50 @@ def test_resnet_train_mode_equals_micro_batched_baseline_and_eval_equals_model()
     baseline.eval()
     with torch.no_grad():
         torch.testing.assert_close(pipe(x), baseline(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_nested_cuts_inside_a_sequential_child_and_keeps_the_keys(schedule):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(15)
+    model = torchvision.models.resnet18(num_classes=5)
+    baseline = __import__("copy").deepcopy(model)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 5, (6,))
+    loss_fn = nn.functional.cross_entropy
+
+    loss_fn(micro_batched(baseline, x, 3), y).backward()
+    # 4 stem children + 2 blocks in each of layer1..layer4 + avgpool, flatten, fc: 15 blocks;
+    # the stages meet between layer3.0 and layer3.1.
+    pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=3, balance=[9, 6], schedule=schedule,
+                       nested=True)
+    assert "layer3.0\nstage 1 on cpu: layer3.1," in pipe.extra_repr()
+    assert list(pipe.state_dict()) == list(baseline.state_dict())
+    assert pipe.stages[0][-1] is model.layer3[0] and pipe.stages[1][0] is model.layer3[1]
+    pipe.train_step(x, y, loss_fn)
+    for (name, p), q in zip(model.named_parameters(), baseline.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)
+    for (name, a), b in zip(pipe.state_dict().items(), baseline.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+    with pytest.raises(ValueError, match="15 blocks"):
+        sp.Pipeline(baseline, ["cpu", "cpu"], balance=[6, 5], nested=True)
+    # Without nested the same model has 11 children, and the default balance counts blocks.
+    assert sum(sp.Pipeline(baseline, ["cpu", "cpu"], nested=True).balance) == 15
+    assert sum(sp.Pipeline(baseline, ["cpu", "cpu"]).balance) == 11
+
+
+def test_nested_leaves_sequential_subclasses_whole():
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(4, 4), Residual(nn.Linear(4, 4), nn.ReLU()),
+                          nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    x = torch.randn(8, 4)
+    pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=2, balance=[2, 2], nested=True)
+    assert pipe.stages[0][1] is model[1]  # the subclass stays one block
+    torch.testing.assert_close(pipe(x), model(x))
 
 
 def test_vit_class_token_stays_in_the_state_dict():
