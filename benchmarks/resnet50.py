@@ -20,9 +20,10 @@ the same experiment, every way in one run on the same model and shapes:
 Every pipelined way uses the same stages (``shardpipe.balance_by_time`` on a micro-batch of
 the sweep's middle chunk count, or ``--balance``; a stage may end inside ``layer1``..
 ``layer4`` as with ``Pipeline(nested=True)``, unless ``--no-nested``) and the same
-micro-batches, and is swept over ``--chunks`` (split size = batch / chunks, rounded up). Times are per run of
-``--batches`` training steps, mean ± std over ``--repeats`` runs after one warm-up step; the
-ratio is the single device's time over the way's (above 1: faster). Never fails on time.
+micro-batches, and is swept over ``--chunks`` (split size = batch / chunks, rounded up).
+Times are per run of ``--batches`` training steps, mean ± std over ``--repeats`` runs after
+one warm-up step; the ratio is the single device's time over the way's (above 1: faster).
+Never fails on time.
 
 On CPU each stage stands for one device with one core: every stage (worker thread or
 process) runs with one intra-op thread, and ``single device`` gets as many threads as there

@@ -72,6 +72,7 @@ def test_pipeline_benchmark_prints_its_table_and_timeline(tmp_path):
                         timeout=180)
     assert result.returncode == 0, result.stderr
     assert "per-task cost" in result.stdout and "speed-up" in result.stdout
+    assert "machine ceiling" in result.stdout
     timeline = tmp_path / "pipeline_timeline.png"
     assert timeline.exists() and timeline.stat().st_size > 5000
     events = json.loads((tmp_path / "pipeline_timeline.json").read_text())["traceEvents"]
