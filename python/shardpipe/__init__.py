@@ -3,12 +3,12 @@
 The public surface at a glance:
 
 - ``copy_to(x, device, non_blocking=True)``: async, differentiable device copies.
-- ``Pipeline(module, devices, chunks, balance, schedule, checkpoint, deferred_batch_norm)``:
-  a drop-in ``nn.Module`` running a sequential model as a pipeline; ``NoChunk`` marks inputs
-  passed whole; ``DeferredBatchNorm``; ``Trace``.
+- ``Pipeline(module, devices, chunks, balance, schedule, checkpoint, deferred_batch_norm,
+  nested)``: a drop-in ``nn.Module`` running a sequential model as a pipeline; ``NoChunk``
+  marks inputs passed whole; ``DeferredBatchNorm``; ``Trace``.
 - ``sequentialize(model)``: a model as an ``nn.Sequential`` of its own blocks, same keys.
-- ``balance_by_time(model, sample, partitions)`` / ``balance_by_size(...)``: children per
-  pipeline stage, minimising the slowest / largest stage.
+- ``balance_by_time(model, sample, partitions)`` / ``balance_by_size(...)``: children (or
+  blocks, ``nested=True``) per pipeline stage, minimising the slowest / largest stage.
 - ``ColumnParallelLinear`` / ``RowParallelLinear``: ``nn.Linear`` drop-ins sharded over
   devices or a ``torch.distributed`` group; ``ShardedTensor`` (the activation between
   them in one process), ``Shard``; ``parallelize(model, plan, ...)`` swaps layers in place.

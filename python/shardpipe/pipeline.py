@@ -32,10 +32,20 @@ def _close_all():
 class NoChunk:
     """Marks a pipeline input that every micro-batch gets whole instead of a slice of.
 
+    A stage that takes several inputs gets them as one tuple.
+
     Example::
 
-        >>> mask = torch.ones(16, 16)
-        >>> out = pipe(x, shardpipe.NoChunk(mask))   # x is split, mask is not
+        >>> class Scale(nn.Module):
+        ...     def forward(self, inputs):
+        ...         x, weight = inputs
+        ...         return x * weight
+        >>> pipe = shardpipe.Pipeline(nn.Sequential(Scale(), nn.Linear(4, 2)), ["cpu", "cpu"],
+        ...                           chunks=4)
+        >>> x, weight = torch.randn(8, 4), torch.randn(4)
+        >>> out = pipe(x, shardpipe.NoChunk(weight))   # x is split, weight is not
+        >>> out.shape
+        torch.Size([8, 2])
     """
 
     def __init__(self, tensor):
@@ -146,12 +156,17 @@ class Pipeline(nn.Module):
         >>> out = pipe(torch.randn(32, 8))
         >>> out.sum().backward()
 
-    Cutting inside ResNet's ``layer3`` (23 blocks instead of 11 children)::
+    Cutting inside ResNet's ``layer1``..``layer4`` (ResNet-18: 15 blocks, not 11 children;
+    on GPUs give ``["cuda:0", "cuda:1"]``)::
 
-        >>> model = torchvision.models.resnet50()
-        >>> balance = shardpipe.balance_by_time(model, x[:16], 2, nested=True)
-        >>> pipe = shardpipe.Pipeline(model, ["cuda:0", "cuda:1"], chunks=8,
-        ...                           balance=balance, nested=True)
+        >>> import torchvision
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> x = torch.randn(8, 3, 32, 32)
+        >>> balance = shardpipe.balance_by_time(model, x[:2], 2, nested=True)
+        >>> pipe = shardpipe.Pipeline(model, ["cpu", "cpu"], chunks=4, balance=balance,
+        ...                           nested=True)
+        >>> sum(pipe.balance), pipe(x).shape
+        (15, torch.Size([8, 10]))
     """
 
     def __init__(self, module, devices, chunks=1, balance=None, schedule="gpipe",
@@ -293,6 +308,10 @@ class Pipeline(nn.Module):
 
         Example::
 
+            >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+            >>> pipe = shardpipe.Pipeline(model, ["cpu", "cpu"], chunks=4, schedule="1f1b")
+            >>> optimizer = torch.optim.SGD(pipe.parameters(), lr=0.1)
+            >>> x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
             >>> loss = pipe.train_step(x, y, nn.functional.cross_entropy)
             >>> optimizer.step(); optimizer.zero_grad()
         """
@@ -323,9 +342,13 @@ class Pipeline(nn.Module):
 
         Example::
 
+            >>> pipe = shardpipe.Pipeline(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1)),
+            ...                           ["cpu", "cpu"], chunks=4)
             >>> with pipe.record_trace() as trace:
-            ...     pipe(x).sum().backward()
-            >>> trace.save("pipeline.json")   # open in chrome://tracing or Perfetto
+            ...     pipe(torch.randn(16, 8)).sum().backward()
+            >>> len(trace.events)   # 2 stages x 4 micro-batches x (forward, backward)
+            16
+            >>> trace.save("pipeline.json")   # doctest: +SKIP
         """
         trace = Trace()
         self._engine.take_trace()

@@ -13,10 +13,16 @@ class Trace:
 
     Example::
 
+        >>> pipe = shardpipe.Pipeline(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)),
+        ...                           ["cpu", "cpu"], chunks=4)
+        >>> x, y = torch.randn(16, 8), torch.randn(16, 2)
         >>> with pipe.record_trace() as trace:
-        ...     pipe.train_step(x, y, loss_fn)
-        >>> trace.bubble_fraction()      # share of worker time spent idle
-        >>> trace.save("step.json")      # chrome://tracing or ui.perfetto.dev
+        ...     _ = pipe.train_step(x, y, nn.functional.mse_loss)
+        >>> sorted({(e["stage"], e["phase"]) for e in trace.events})[:2]
+        [(0, 'backward'), (0, 'forward')]
+        >>> 0.0 <= trace.bubble_fraction() < 1.0     # share of worker time spent idle
+        True
+        >>> trace.save("step.json")  # doctest: +SKIP
     """
 
     def __init__(self, events=()):
