@@ -190,7 +190,8 @@ def efficiency(width, depth, batch, chunks, repeats, trace_path=None):
 
 
 def resnet50_on_one_gpu(batch, chunks, repeats):
-    """ResNet-50 training step, 2 pipeline stages on one GPU vs the plain model."""
+    """ResNet-50 training step, 2 pipeline stages on one GPU vs the plain model: images/s
+    and peak allocated bytes of one step, for the plain model and each schedule."""
     import torchvision
 
     torch.manual_seed(0)
@@ -198,11 +199,30 @@ def resnet50_on_one_gpu(batch, chunks, repeats):
     x = torch.randn(batch, 3, 224, 224, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
     loss_fn = nn.functional.cross_entropy
-    plain, _ = timed(lambda: loss_fn(model(x), y).backward(), repeats)
-    pipe = sp.Pipeline(sp.sequentialize(model), ["cuda:0", "cuda:0"], chunks=chunks)
-    ours, _ = timed(lambda: pipe.train_step(x, y, loss_fn), repeats)
-    pipe.close()
-    return batch / ours, batch / plain
+
+    def peak_bytes(step):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    def plain_step():
+        loss_fn(model(x), y).backward()
+
+    seconds, _ = timed(plain_step, repeats)
+    results = {"plain": (batch / seconds, peak_bytes(plain_step))}
+    for schedule in ("gpipe", "1f1b"):
+        pipe = sp.Pipeline(sp.sequentialize(model), ["cuda:0", "cuda:0"], chunks=chunks,
+                           schedule=schedule)
+
+        def step(pipe=pipe):
+            pipe.train_step(x, y, loss_fn)
+
+        seconds, _ = timed(step, repeats)
+        results[schedule] = (batch / seconds, peak_bytes(step))
+        pipe.close()
+    return results
 
 
 def main():
@@ -224,8 +244,14 @@ def main():
         rows.append(("per-task cost, 2 stages on cuda:0 x 8 mb (us)", ours, loop, loop / ours))
 
     if torch.cuda.is_available() and not args.quick:
-        ours, plain = resnet50_on_one_gpu(batch=64, chunks=4, repeats=repeats)
-        rows.append(("resnet50 train, 2 stages on cuda:0 (img/s)", ours, plain, ours / plain))
+        results = resnet50_on_one_gpu(batch=64, chunks=4, repeats=repeats)
+        plain_speed, plain_peak = results["plain"]
+        for schedule in ("gpipe", "1f1b"):
+            speed, peak = results[schedule]
+            rows.append((f"resnet50 train, 2 stages on cuda:0, {schedule} (img/s)", speed,
+                         plain_speed, speed / plain_speed))
+            rows.append((f"  peak memory of a step, {schedule} (GiB)", peak / 2**30,
+                         plain_peak / 2**30, peak / plain_peak))
 
     width, depth, batch = (128, 2, 64) if args.quick else (1024, 4, 1024)
     chunks = 8
@@ -247,7 +273,8 @@ def main():
     print(f"{'measure':<52} {'shardpipe':>10} {'baseline':>10} {'ratio':>7}")
     for name, ours, base, ratio in rows:
         print(f"{name:<52} {ours:>10.2f} {base:>10.2f} {ratio:>7.2f}")
-    print("resnet50 row: baseline = the plain model on the same GPU; ratio = throughput share")
+    print("resnet50 rows: baseline = the plain model on the same GPU; ratio = throughput share"
+          " (memory: peak share)")
     print("per-task rows: baseline = hand-written Python micro-batch loop; ratio = loop/shardpipe")
     print(f"speed-up rows: baseline = ideal p*m/(m+p-1) = {ideal:.2f}; ratio = share of ideal")
     print("ceiling rows: each stage on its own thread over all micro-batches, no dependencies,"

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -94,6 +95,68 @@ def test_backward_equals_module(schedule, checkpoint, chunks):
     torch.testing.assert_close(fused, loss.detach(), atol=1e-6, rtol=1e-5)
     assert_grads_close(grads(model), want)
     torch.testing.assert_close(x.grad, want_x, atol=1e-6, rtol=1e-5)
+
+
+class LiveCount:
+    """Micro-batches whose forward through a point has run and whose backward has not."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.alive = self.peak = 0
+
+    def change(self, by):
+        with self.lock:
+            self.alive += by
+            self.peak = max(self.peak, self.alive)
+
+
+class CountLive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, count):
+        count.change(+1)
+        ctx.count = count
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.count.change(-1)
+        return grad, None
+
+
+class Counted(nn.Module):
+    def __init__(self, count):
+        super().__init__()
+        self.count = count
+
+    def forward(self, x):
+        return CountLive.apply(x, self.count)
+
+
+@pytest.mark.parametrize("devices", [2, 3, 4])
+@pytest.mark.parametrize("chunks", [8, 16])
+def test_train_step_keeps_activations_within_each_schedules_bound(devices, chunks):
+    """gpipe keeps every micro-batch alive; 1F1B at most stages - s on stage s; interleaved
+    (two virtual stages per device) at most 2 (devices - d - 1) + devices + 1 on device d,
+    whatever the number of micro-batches."""
+    x, y = torch.randn(2 * chunks, 4), torch.randn(2 * chunks, 4)
+    for schedule, virtual in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+        counts = [LiveCount() for _ in range(devices)]
+        layers = []
+        for s in range(devices * virtual):  # counted after a Linear: its output needs grad
+            layers += [nn.Linear(4, 4), Counted(counts[s % devices])]
+        pipe = sp.Pipeline(nn.Sequential(*layers), ["cpu"] * devices, chunks=chunks,
+                           balance=[2] * (devices * virtual), schedule=schedule)
+        pipe.train_step(x, y, nn.functional.mse_loss)
+        pipe.close()
+        peaks = [c.peak for c in counts]
+        assert all(c.alive == 0 for c in counts), schedule
+        if schedule == "gpipe":
+            assert peaks == [chunks] * devices
+        elif schedule == "1f1b":
+            assert peaks == [devices - d for d in range(devices)]
+        else:
+            bounds = [2 * (devices - d - 1) + devices + 1 for d in range(devices)]
+            assert all(p <= b for p, b in zip(peaks, bounds)), (peaks, bounds)
 
 
 def test_train_step_sum_reduction():
