@@ -15,7 +15,10 @@ class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
     Each micro-batch is normalised with its own statistics, as usual in a pipeline, but the
     running mean and variance are not updated per micro-batch: sums are accumulated over the
     micro-batches and :meth:`commit` folds them in once, so after a step the running
-    statistics equal those of one full-batch step. A checkpointed forward that is recomputed
+    statistics equal those of one full-batch step on the inputs the layer saw. (A batch norm
+    behind another one sees inputs normalised per micro-batch, so its statistics differ from
+    a full-batch forward of the whole model as much as those inputs do: the price of
+    micro-batching, not of the deferral.) A checkpointed forward that is recomputed
     during backward is not counted twice. Parameter and buffer names are ``BatchNorm``'s, so
     ``state_dict`` keys do not change.
 

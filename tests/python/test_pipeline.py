@@ -255,6 +255,25 @@ def test_deferred_batch_norm_matches_one_full_batch_step():
     assert list(pipe.state_dict()) == list(reference.state_dict())
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_deferred_batch_norm_deeper_layer_gets_full_batch_statistics_of_its_inputs(schedule):
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    fresh = __import__("copy").deepcopy(model[4])
+    pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=4, balance=[3, 4], schedule=schedule,
+                       deferred_batch_norm=True)
+    seen = []
+    model[4].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    x, y = torch.randn(8, 3, 8, 8), torch.randn(8, 2)
+    pipe.train_step(x, y, nn.functional.mse_loss)
+    # The second batch norm saw the first one's per-micro-batch output; one full-batch step
+    # of a plain BatchNorm2d on exactly those inputs gives the statistics it must hold.
+    fresh(torch.cat(seen))
+    torch.testing.assert_close(model[4].running_mean, fresh.running_mean)
+    torch.testing.assert_close(model[4].running_var, fresh.running_var)
+
+
 def test_state_dict_round_trip():
     model = mlp(seed=7)
     pipe = sp.Pipeline(mlp(seed=8), ["cpu", "cpu"], balance=[3, 3])
