@@ -148,8 +148,11 @@ Activations transfer(const Activations& xs, at::Device to,
     record_on(detached, consumer);
     return detached;
   }
-  // With the consumer's stream current on `to`, copy_to makes it wait on the copy. A CPU
-  // consumer has no stream to wait with: its copy finishes before the host goes on.
+  // With the consumer's stream current on `to`, copy_to makes it wait on the copy; the
+  // inputs already on `to` were made on the producer's stream there, which the guard hides
+  // from copy_to, so the consumer waits on it first. A CPU consumer has no stream to wait
+  // with: its copy finishes before the host goes on.
+  wait_stream(consumer, current_stream(to));
   StreamsGuard guard({consumer});
   return copy_to_kernel(detached, to, /*non_blocking=*/!to.is_cpu());
 }
@@ -255,6 +258,18 @@ const Schedule& Engine::schedule_for(int micro_batches, std::optional<Phase> pha
 
 at::Device Engine::worker_device(int w) const { return options_.devices[w]; }
 
+// Stages must not read what the caller is still writing on its streams (optimizer.step()
+// updating parameters), and the caller must not read what stages wrote on theirs (gradients,
+// running statistics) before it is done; with stages on several GPUs the inputs and outputs
+// alone do not order every device.
+void Engine::stages_wait_for_caller() {
+  for (int s = 0; s < stages(); ++s) wait_stream(streams_[s], current_stream(options_.devices[s]));
+}
+
+void Engine::caller_waits_for_stages() {
+  for (int s = 0; s < stages(); ++s) wait_stream(current_stream(options_.devices[s]), streams_[s]);
+}
+
 void Engine::set_tracing(bool on) {
   std::lock_guard<std::mutex> lock(trace_mutex_);
   tracing_ = on;
@@ -269,6 +284,7 @@ std::shared_ptr<Step> Engine::scatter(const Activations& inputs, const std::vect
   TORCH_CHECK(!workers_.empty(), "shardpipe: this pipeline was closed");
   TORCH_CHECK_VALUE(inputs.size() == batched.size(), "shardpipe: ", inputs.size(), " inputs but ",
                     batched.size(), " batched flags");
+  stages_wait_for_caller();
   auto step = std::make_shared<Step>();
   step->stages = stages();
   step->batched = batched;
@@ -576,9 +592,8 @@ Activations Engine::forward(const Activations& inputs, const std::vector<bool>& 
   const Schedule& schedule = schedule_for(m, Phase::kForward);
   execute(*step, schedule, std::nullopt);
 
-  const at::Device last = options_.devices[S - 1];
-  auto here = current_stream(last);
-  wait_stream(here, streams_[S - 1]);
+  caller_waits_for_stages();
+  auto here = current_stream(options_.devices[S - 1]);
   for (const auto& mb : step->outputs) record_on(mb, here);
   Activations outputs = gather(step->outputs, "output");
   for (auto& t : outputs) t = t.detach();
@@ -613,10 +628,12 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
   std::vector<std::vector<at::Tensor>> parts(grads.size());
   for (size_t k = 0; k < grads.size(); ++k) {
     if (!grads[k].defined()) continue;
-    if (grads[k].is_cuda()) inline_device = grads[k].device();
+    // Autograd runs this node on the thread of its first non-CPU gradient's device.
+    if (grads[k].is_cuda() && !inline_device) inline_device = grads[k].device();
     parts[k] =
         m == 1 ? std::vector<at::Tensor>{grads[k]} : grads[k].split_with_sizes(step.sizes, 0);
   }
+  stages_wait_for_caller();
   for (int i = 0; i < m; ++i) {
     Activations g(grads.size());
     for (size_t k = 0; k < grads.size(); ++k) {
@@ -628,6 +645,7 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
   }
   const Schedule& schedule = schedule_for(m, Phase::kBackward);
   execute(step, schedule, inline_device);
+  caller_waits_for_stages();
 
   return input_gradients(step);
 }
@@ -636,8 +654,7 @@ std::vector<at::Tensor> Engine::input_gradients(Step& step) {
   const int m = step.micro_batches;
   std::vector<at::Tensor> result(step.input_devices.size());
   const at::Device first = options_.devices[0];
-  auto here = current_stream(first);
-  wait_stream(here, streams_[0]);
+  auto here = current_stream(first);  // already after the stages' streams (the callers join)
   for (const auto& g : step.input_grads) record_on(g, here);
   for (size_t k = 0; k < result.size(); ++k) {
     if (!step.input_requires_grad[k]) continue;
@@ -687,8 +704,8 @@ at::Tensor Engine::train_step(const Activations& inputs, const std::vector<bool>
   step->losses.resize(m);
   execute(*step, schedule_for(m, std::nullopt), std::nullopt);
 
+  caller_waits_for_stages();
   auto here = current_stream(last);
-  wait_stream(here, streams_[S - 1]);
   record_on(step->losses, here);
   at::Tensor total = at::stack(step->losses).sum();
 

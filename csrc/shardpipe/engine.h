@@ -90,6 +90,10 @@ class Engine : public std::enable_shared_from_this<Engine> {
   Engine(std::vector<StageFn> stages, EngineOptions options);
 
   std::shared_ptr<Step> scatter(const Activations& inputs, const std::vector<bool>& batched);
+  // Orders every stage's stream after the calling thread's stream on the stage's device
+  // (`stages_wait`), or the other way round (`caller_waits`), without blocking the host.
+  void stages_wait_for_caller();
+  void caller_waits_for_stages();
   void execute(Step& step, const Schedule& schedule, std::optional<at::Device> inline_device);
   void run_lists(Step& step, const std::vector<const std::vector<Task>*>& lists);
   void run_task(Step& step, const Task& task);

@@ -49,10 +49,11 @@ using Mask = std::array<bool, 3>;  // which of (input, weight, bias) gradients t
 
 // --- helpers --------------------------------------------------------------------------------
 
-// `t` on `device`: itself when it is there already, otherwise a copy (below autograd).
+// `t` on `device`: itself when it is there already, otherwise a copy (below autograd). A
+// copy to the host is blocking: the host reads it next, and no stream would wait for it.
 at::Tensor on_device(const at::Tensor& t, at::Device device) {
   if (!t.defined() || t.device() == device) return t;
-  return copy_to_kernel({t}, device, /*non_blocking=*/true)[0];
+  return copy_to_kernel({t}, device, /*non_blocking=*/!device.is_cpu())[0];
 }
 
 // The sum of fresh tensors, in index order (deterministic).
@@ -552,7 +553,9 @@ class RowParallelLinearFunction : public torch::autograd::Function<RowParallelLi
     if (bias_grad.defined()) {
       // The bias lives on one device; the output (and so its gradient) may be elsewhere.
       const auto device = ctx->saved_data["bias_device"].toDevice();
-      if (bias_grad.device() != device) bias_grad = copy_to({bias_grad}, device, true)[0];
+      if (bias_grad.device() != device) {
+        bias_grad = copy_to({bias_grad}, device, /*non_blocking=*/!device.is_cpu())[0];
+      }
     }
     result.push_back(bias_grad);
     result.emplace_back();  // input_is_parallel

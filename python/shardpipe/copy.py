@@ -18,7 +18,9 @@ def copy_to(x, device, non_blocking=True):
     On CUDA the copy runs on a copy stream of its own per (source, destination) pair: the
     caller's current stream on the destination waits on it (the host does not, unless
     ``non_blocking=False``), and the source memory is not reused by the caching allocator
-    before the copy has finished. Tensors that share a device pair travel as one packed
+    before the copy has finished. Between two GPUs the source's stream does not wait, so
+    that its next kernels overlap the copy: do not write to the source in place until the
+    destination's stream has used the result. Tensors that share a device pair travel as one packed
     transfer; results of one call may then share one allocation.
 
     Args:

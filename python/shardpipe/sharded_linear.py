@@ -261,7 +261,9 @@ class _ParallelLinear(nn.Module):
         p = self._placement
         parts = [t.detach() for t in parts]
         if p.group is None:
-            return torch.cat(torch.ops.shardpipe.copy_to(parts, p.device, True), dim)
+            # A copy to the host must be finished before torch.cat reads it there.
+            return torch.cat(torch.ops.shardpipe.copy_to(parts, p.device, p.device.type != "cpu"),
+                             dim)
         if p.num_shards == 1:
             return parts[0].clone()
         mine = parts[0].movedim(dim, 0)

@@ -103,7 +103,9 @@ class ShardedTensor(torch.Tensor):
         return _Gather.apply(self)
 
     def _gathered(self):
-        moved = torch.ops.shardpipe.copy_to(list(self._shards), self.device, True)
+        # A copy to the host must be finished before torch.cat reads it there.
+        moved = torch.ops.shardpipe.copy_to(list(self._shards), self.device,
+                                            self.device.type != "cpu")
         return torch.cat(moved, -1)
 
     def __repr__(self, *, tensor_contents=None):
@@ -180,7 +182,7 @@ def _split_onto(grad, sizes, devices):
             return list(grad.shards)
         grad = grad._gathered()
     return [
-        torch.ops.shardpipe.copy_to([part], device, True)[0]
+        torch.ops.shardpipe.copy_to([part], device, device.type != "cpu")[0]
         for part, device in zip(grad.split(list(sizes), -1), devices)
     ]
 

@@ -529,3 +529,29 @@ def test_cuda_mlp_matches_two_nn_linear(x_device):
     expected.sum().backward()
     torch.testing.assert_close(xs.grad, xl.grad)
     torch.testing.assert_close(full_grad(col, "weight").to(x_device), fc1.weight.grad)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("devices", [["cpu", "cuda:0"], ["cuda:0", "cpu"]])
+def test_shards_on_the_host_and_a_gpu_match_nn_linear(devices):
+    # Copies towards the host are read there at once (concatenation, sums, state_dict), so
+    # they must be finished first: a GPU-to-host copy left in flight gives stale values.
+    torch.manual_seed(0)
+    col = ColumnParallelLinear(32, 64, gather_output=False, devices=devices)
+    row = RowParallelLinear(64, 16, input_is_parallel=True, devices=devices)
+    fc1, fc2 = col.to_linear().cpu(), row.to_linear().cpu()
+    x = torch.randn(8, 32)
+    xs, xl = leaf(x), leaf(x)
+    hidden = col(xs)
+    torch.testing.assert_close(hidden.full_tensor().cpu(), fc1(x))
+    y = row(torch.relu(hidden))
+    expected = fc2(torch.relu(fc1(xl)))
+    torch.testing.assert_close(y.cpu(), expected)
+    y.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(xs.grad, xl.grad)
+    torch.testing.assert_close(full_grad(col, "weight").cpu(), fc1.weight.grad)
+    torch.testing.assert_close(full_grad(row, "weight").cpu(), fc2.weight.grad)
+    for key, value in col.state_dict().items():
+        torch.testing.assert_close(value.cpu(), fc1.state_dict()[key])

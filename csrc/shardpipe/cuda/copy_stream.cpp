@@ -59,8 +59,12 @@ std::vector<at::Tensor> copy_group(const std::vector<at::Tensor>& xs, at::Device
     ready.block(stream);
   }
 
+  // Packing host sources is a memcpy on the host, which no stream orders: a pinned source
+  // may still be the target of an earlier asynchronous copy, so those go one by one.
   bool batch = xs.size() > 1;
-  for (const auto& x : xs) batch = batch && x.is_contiguous() && x.numel() > 0;
+  for (const auto& x : xs) {
+    batch = batch && x.is_contiguous() && x.numel() > 0 && !(x.is_cpu() && x.is_pinned());
+  }
 
   std::vector<at::Tensor> out;
   std::vector<at::Tensor> keep;  // every tensor the copy stream touches
