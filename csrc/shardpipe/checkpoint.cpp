@@ -2,10 +2,13 @@
 
 #include <ATen/Context.h>
 
+#include <algorithm>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <utility>
 
 namespace shardpipe {
 namespace {
@@ -76,18 +79,63 @@ RngFork::~RngFork() {
     set_state(at::globalContext().defaultGenerator(saved_.where), saved_.device);
 }
 
-std::unique_lock<std::mutex> lock_generator(at::Device device) {
+namespace {
+
+std::mutex* generator_mutex(at::Device device) {
   static std::mutex registry_mutex;
   static std::map<std::pair<int, int>, std::unique_ptr<std::mutex>> mutexes;
-  std::mutex* m;
-  {
-    std::lock_guard<std::mutex> lock(registry_mutex);
-    auto& slot = mutexes[{static_cast<int>(device.type()), device.index()}];
-    if (!slot) slot = std::make_unique<std::mutex>();
-    m = slot.get();
-  }
-  return std::unique_lock<std::mutex>(*m);
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto& slot = mutexes[{static_cast<int>(device.type()), device.index()}];
+  if (!slot) slot = std::make_unique<std::mutex>();
+  return slot.get();
 }
+
+thread_local std::vector<std::mutex*> held_by_thread;  // taken here, in order
+thread_local std::vector<std::mutex*> inherited;       // held by the callers this thread serves
+
+}  // namespace
+
+std::vector<std::mutex*> generator_locks_held_here() {
+  std::vector<std::mutex*> all = inherited;
+  all.insert(all.end(), held_by_thread.begin(), held_by_thread.end());
+  return all;
+}
+
+GeneratorLock::GeneratorLock(at::Device device, const std::vector<std::mutex*>& held_by_caller,
+                             std::mutex& own) {
+  std::mutex* m = generator_mutex(device);
+  if (std::find(held_by_caller.begin(), held_by_caller.end(), m) != held_by_caller.end()) m = &own;
+  lock_ = std::unique_lock<std::mutex>(*m);
+  mutex_ = m;
+  held_by_thread.push_back(m);
+}
+
+GeneratorLock::~GeneratorLock() { release(); }
+
+GeneratorLock::GeneratorLock(GeneratorLock&& other) noexcept
+    : mutex_(std::exchange(other.mutex_, nullptr)), lock_(std::move(other.lock_)) {}
+
+GeneratorLock& GeneratorLock::operator=(GeneratorLock&& other) noexcept {
+  if (this != &other) {
+    release();
+    mutex_ = std::exchange(other.mutex_, nullptr);
+    lock_ = std::move(other.lock_);
+  }
+  return *this;
+}
+
+void GeneratorLock::release() {
+  if (!mutex_) return;
+  auto it = std::find(held_by_thread.rbegin(), held_by_thread.rend(), mutex_);
+  if (it != held_by_thread.rend()) held_by_thread.erase(std::next(it).base());
+  lock_.unlock();
+  mutex_ = nullptr;
+}
+
+GeneratorLocksInherited::GeneratorLocksInherited(const std::vector<std::mutex*>& held)
+    : previous_(std::exchange(inherited, held)) {}
+
+GeneratorLocksInherited::~GeneratorLocksInherited() { inherited = std::move(previous_); }
 
 bool is_recomputing() { return recomputing; }
 

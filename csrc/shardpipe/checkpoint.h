@@ -4,6 +4,7 @@
 
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace shardpipe {
 
@@ -39,11 +40,41 @@ class RngFork {
   RngState saved_;
 };
 
+// The generator locks held on this thread, by it or by the callers it works for (a pipeline
+// run from a checkpointed stage of another: that stage's thread holds the lock and waits).
+std::vector<std::mutex*> generator_locks_held_here();
+
 // Serialises the forwards that draw from one device's generator while checkpointing. All CPU
 // stages share the CPU generator (and stages on one GPU share its generator): a forward whose
 // state is saved for replay must not interleave its draws with another stage's, or the
-// replay would differ from what the forward used.
-std::unique_lock<std::mutex> lock_generator(at::Device device);
+// replay would differ from what the forward used. When the step's caller holds that lock
+// (`held_by_caller`), the step's own threads serialise on `own` instead: the caller draws
+// nothing while it waits for them.
+class GeneratorLock {
+ public:
+  GeneratorLock() = default;
+  GeneratorLock(at::Device device, const std::vector<std::mutex*>& held_by_caller, std::mutex& own);
+  ~GeneratorLock();
+  GeneratorLock(GeneratorLock&& other) noexcept;
+  GeneratorLock& operator=(GeneratorLock&& other) noexcept;
+
+ private:
+  void release();
+  std::mutex* mutex_ = nullptr;
+  std::unique_lock<std::mutex> lock_;
+};
+
+// While alive, the calling thread works for a step whose caller holds `held` (see above).
+class GeneratorLocksInherited {
+ public:
+  explicit GeneratorLocksInherited(const std::vector<std::mutex*>& held);
+  ~GeneratorLocksInherited();
+  GeneratorLocksInherited(const GeneratorLocksInherited&) = delete;
+  GeneratorLocksInherited& operator=(const GeneratorLocksInherited&) = delete;
+
+ private:
+  std::vector<std::mutex*> previous_;
+};
 
 // True on a thread while it recomputes a checkpointed forward: layers that keep running
 // statistics (deferred batch norm) must not count that forward twice.

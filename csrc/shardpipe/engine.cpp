@@ -59,11 +59,12 @@ class GradSink : public torch::autograd::Node {
 
 // What one (stage, micro-batch) keeps between its forward and its backward.
 struct Slot {
-  Activations input;           // on the stage's device, detached from the producer's graph
-  std::vector<NodePtr> sinks;  // per input: collects its gradient (null: none wanted)
-  Activations output;          // with the stage's graph, unless the forward was checkpointed
-  Activations grad;            // gradient of `output`, sent by the next stage (or the caller)
-  RngState rng;                // for recomputation
+  Activations input;                 // on the stage's device, detached from the producer's graph
+  std::vector<bool> input_has_grad;  // per input: its producer's output needed a gradient
+  std::vector<NodePtr> sinks;        // per input: collects its gradient (null: none wanted)
+  Activations output;                // with the stage's graph, unless the forward was checkpointed
+  Activations grad;                  // gradient of `output`, sent by the next stage (or the caller)
+  RngState rng;                      // for recomputation
   bool checkpointed = false;
   bool has_input = false;
   bool forward_done = false;
@@ -81,6 +82,9 @@ struct Step {
   Slot& at(int s, int i) { return slots[static_cast<size_t>(s) * micro_batches + i]; }
 
   bool grad_enabled = false;
+  // Generator locks the caller's thread holds; the workers then serialise on `own_generator`.
+  std::vector<std::mutex*> generators_held_by_caller;
+  std::mutex own_generator;
   std::vector<bool> batched;
   std::vector<bool> input_requires_grad;
   std::vector<at::Device> input_devices;
@@ -122,6 +126,25 @@ ErrorAnnotator& annotator() {
   };
   return instance;
 }
+
+// The engines with a call running on this thread (a stage may run a pipeline of its own).
+thread_local std::vector<const Engine*> engines_in_call;
+
+// Keeps the engine from being shut down during a call, and marks the call on this thread.
+class EngineCall {
+ public:
+  EngineCall(const Engine* engine, std::shared_mutex& lifecycle, const bool& closed)
+      : lock_(lifecycle) {
+    TORCH_CHECK(!closed, "shardpipe: this pipeline was closed");
+    engines_in_call.push_back(engine);
+  }
+  ~EngineCall() { engines_in_call.pop_back(); }
+  EngineCall(const EngineCall&) = delete;
+  EngineCall& operator=(const EngineCall&) = delete;
+
+ private:
+  std::shared_lock<std::shared_mutex> lock_;
+};
 
 std::string describe(const Task& t) {
   return "stage " + std::to_string(t.stage) + ", micro-batch " + std::to_string(t.micro_batch) +
@@ -240,9 +263,19 @@ Engine::Engine(std::vector<StageFn> stages, EngineOptions options)
   epoch_ = std::chrono::steady_clock::now();
 }
 
-Engine::~Engine() { shutdown(); }
+Engine::~Engine() { workers_.clear(); }
 
-void Engine::shutdown() { workers_.clear(); }
+void Engine::shutdown() {
+  // From one of its own stages the call that runs the stage would wait for itself.
+  bool inside =
+      std::find(engines_in_call.begin(), engines_in_call.end(), this) != engines_in_call.end();
+  for (const auto& w : workers_) inside = inside || w->is_current_thread();
+  TORCH_CHECK(!inside, "shardpipe: a pipeline cannot be closed from inside one of its own ",
+              "stages or its loss function");
+  std::unique_lock<std::shared_mutex> lock(lifecycle_);
+  closed_ = true;
+  workers_.clear();
+}
 
 const Schedule& Engine::schedule_for(int micro_batches, std::optional<Phase> phase) {
   std::lock_guard<std::mutex> lock(schedules_mutex_);
@@ -281,12 +314,12 @@ std::vector<TraceEvent> Engine::take_trace() {
 }
 
 std::shared_ptr<Step> Engine::scatter(const Activations& inputs, const std::vector<bool>& batched) {
-  TORCH_CHECK(!workers_.empty(), "shardpipe: this pipeline was closed");
   TORCH_CHECK_VALUE(inputs.size() == batched.size(), "shardpipe: ", inputs.size(), " inputs but ",
                     batched.size(), " batched flags");
   stages_wait_for_caller();
   auto step = std::make_shared<Step>();
   step->stages = stages();
+  step->generators_held_by_caller = generator_locks_held_here();
   step->batched = batched;
   int64_t batch = -1;
   for (size_t k = 0; k < inputs.size(); ++k) {
@@ -347,16 +380,19 @@ void Engine::execute(Step& step, const Schedule& schedule,
     step.cancelled = false;
     step.error = nullptr;
   }
-  for (int w : posted) {
-    const auto* list = &schedule.per_worker[w];
-    workers_[w]->post([this, &step, list] {
-      run_lists(step, {list});
-      // Notify under the lock: once `pending` reaches 0 the caller may free the step.
-      std::lock_guard<std::mutex> lock(step.mutex);
-      --step.pending;
-      step.generation++;
-      step.changed.notify_all();
-    });
+  {
+    std::lock_guard<std::mutex> posting(post_mutex_);
+    for (int w : posted) {
+      const auto* list = &schedule.per_worker[w];
+      workers_[w]->post([this, &step, list] {
+        run_lists(step, {list});
+        // Notify under the lock: once `pending` reaches 0 the caller may free the step.
+        std::lock_guard<std::mutex> lock(step.mutex);
+        --step.pending;
+        step.generation++;
+        step.changed.notify_all();
+      });
+    }
   }
   // A backward that autograd runs on a CUDA device's thread must run that device's stages
   // itself: their autograd calls need that very thread, which is busy waiting here.
@@ -449,6 +485,7 @@ void Engine::run_task(Step& step, const Task& task) {
   c10::OptionalDeviceGuard device_guard;
   if (!device.is_cpu()) device_guard.reset_device(device);
   StreamsGuard stream_guard({streams_[task.stage]});
+  GeneratorLocksInherited serving(step.generators_held_by_caller);
   if (task.phase == Phase::kForward) {
     run_forward(step, task.stage, task.micro_batch);
   } else {
@@ -462,9 +499,12 @@ Activations Engine::call_stage(Step& step, int s, int i, const Activations& inpu
   stage_input.reserve(input.size());
   for (size_t k = 0; k < input.size(); ++k) {
     // Inputs of the first stage need a gradient only where the caller's do; later stages'
-    // floating-point inputs always carry one back.
-    bool wanted = step.grad_enabled && at::GradMode::is_enabled() && differentiable(input[k]) &&
-                  (s > 0 || step.input_requires_grad[k]);
+    // where the previous stage's output needed one (a frozen stage's output does not).
+    const bool upstream =
+        s == 0 ? step.input_requires_grad[k]
+               : k < step.at(s, i).input_has_grad.size() && step.at(s, i).input_has_grad[k];
+    bool wanted =
+        step.grad_enabled && at::GradMode::is_enabled() && differentiable(input[k]) && upstream;
     at::Tensor x = input[k].defined() ? input[k].detach() : input[k];
     if (wanted) {
       sinks[k] = make_node<GradSink>();
@@ -491,9 +531,11 @@ void Engine::run_forward(Step& step, int s, int i) {
       step.grad_enabled && is_checkpointed(options_.checkpoint, i, step.micro_batches);
   Activations out;
   {
-    std::unique_lock<std::mutex> generator;
-    if (step.grad_enabled && options_.checkpoint != CheckpointMode::kNever)
-      generator = lock_generator(options_.devices[s]);
+    GeneratorLock generator;
+    if (step.grad_enabled && options_.checkpoint != CheckpointMode::kNever) {
+      generator =
+          GeneratorLock(options_.devices[s], step.generators_held_by_caller, step.own_generator);
+    }
     Activations replay;
     if (checkpointed) {
       slot.rng = RngState::capture(options_.devices[s]);
@@ -523,6 +565,12 @@ void Engine::run_forward(Step& step, int s, int i) {
     if (step.fused) step.losses[i] = detached[0];
     step.outputs[i] = std::move(detached);
   } else {
+    // A checkpointed forward ran without a graph: whether its output needs a gradient is
+    // known only when it is recomputed, so the next stage assumes it does.
+    std::vector<bool> has_grad;
+    for (const auto& t : out)
+      has_grad.push_back(checkpointed || (t.defined() && t.requires_grad()));
+    step.at(s + 1, i).input_has_grad = std::move(has_grad);
     send(step, out, s + 1, i, /*grads=*/false);
   }
 }
@@ -531,7 +579,8 @@ void Engine::run_backward(Step& step, int s, int i) {
   Slot& slot = step.at(s, i);
   Activations outputs;
   if (slot.checkpointed) {
-    auto generator = lock_generator(options_.devices[s]);
+    GeneratorLock generator(options_.devices[s], step.generators_held_by_caller,
+                            step.own_generator);
     RecomputeGuard recomputing;
     RngFork replay(slot.rng);
     at::AutoGradMode grad_mode(true);
@@ -541,10 +590,12 @@ void Engine::run_backward(Step& step, int s, int i) {
   }
   std::vector<at::Tensor> roots, grads;
   if (step.fused && s == step.stages - 1) {
-    if (outputs[0].requires_grad()) {
-      roots.push_back(outputs[0]);
-      grads.push_back(at::ones_like(outputs[0]));
-    }
+    // As loss.backward() would: a loss without a graph leaves every gradient unset.
+    TORCH_CHECK(outputs[0].requires_grad(), "shardpipe: the loss of micro-batch ", i,
+                " does not require grad (loss_fn ",
+                "returned a detached loss, or nothing before it requires grad)");
+    roots.push_back(outputs[0]);
+    grads.push_back(at::ones_like(outputs[0]));
   } else {
     for (size_t k = 0; k < outputs.size() && k < slot.grad.size(); ++k) {
       if (outputs[k].defined() && outputs[k].requires_grad() && slot.grad[k].defined()) {
@@ -587,6 +638,7 @@ void Engine::send(Step& step, const Activations& xs, int to_stage, int i, bool g
 }
 
 Activations Engine::forward(const Activations& inputs, const std::vector<bool>& batched) {
+  EngineCall call(this, lifecycle_, closed_);
   auto step = scatter(inputs, batched);
   const int S = stages(), m = step->micro_batches;
   const Schedule& schedule = schedule_for(m, Phase::kForward);
@@ -619,10 +671,13 @@ Activations Engine::forward(const Activations& inputs, const std::vector<bool>& 
 }
 
 std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tensor>& grads) {
+  EngineCall call(this, lifecycle_, closed_);
   TORCH_CHECK(!step.backward_ran,
               "shardpipe: the pipeline's backward already ran for this forward");
   step.backward_ran = true;
   step.tls = at::ThreadLocalState();
+  // The backward's caller may hold other locks than the forward's (or none).
+  step.generators_held_by_caller = generator_locks_held_here();
   const int S = stages(), m = step.micro_batches;
   std::optional<at::Device> inline_device;
   std::vector<std::vector<at::Tensor>> parts(grads.size());
@@ -680,7 +735,9 @@ std::vector<at::Tensor> Engine::input_gradients(Step& step) {
 at::Tensor Engine::train_step(const Activations& inputs, const std::vector<bool>& batched,
                               const Activations& targets, const LossFn& loss, bool sum_reduction) {
   TORCH_CHECK(at::GradMode::is_enabled(),
-              "shardpipe: train_step needs grad mode; it was called under torch.no_grad()");
+              "shardpipe: train_step needs grad mode; it was called under torch.no_grad() or "
+              "torch.inference_mode()");
+  EngineCall call(this, lifecycle_, closed_);
   auto step = scatter(inputs, batched);
   const int S = stages(), m = step->micro_batches;
   step->fused = true;

@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -113,6 +114,13 @@ class Engine : public std::enable_shared_from_this<Engine> {
   EngineOptions options_;
   std::vector<std::optional<c10::Stream>> streams_;  // per stage (none on the CPU)
   std::vector<std::unique_ptr<StageWorker>> workers_;
+  // Calls hold it shared and `shutdown` exclusively, so workers never go away under a
+  // running step; `closed_` is read and written under it.
+  std::shared_mutex lifecycle_;
+  bool closed_ = false;
+  // Posting a step's task lists is serialised, so that every worker queues the steps of
+  // concurrent calls in one order: a step never waits on one queued behind another.
+  std::mutex post_mutex_;
   std::mutex schedules_mutex_;
   std::map<std::pair<int, int>, Schedule> schedules_;
   bool tracing_ = false;

@@ -22,6 +22,7 @@ class StageWorker {
 
   void post(std::function<void()> job);
   const std::string& name() const { return name_; }
+  bool is_current_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
 
  private:
   void loop();

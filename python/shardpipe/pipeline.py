@@ -185,6 +185,8 @@ class Pipeline(nn.Module):
             raise ValueError("devices must list at least one device")
         devices = [as_device(d, f"devices[{i}]") for i, d in enumerate(devices)]
         chunks = _check_int(chunks, "chunks", 1)
+        if chunks > 2**31 - 1:
+            raise ValueError(f"chunks must be at most {2**31 - 1}, got {chunks}")
         schedule = _check_choice(schedule, "schedule", SCHEDULES)
         checkpoint = _check_choice(checkpoint, "checkpoint", CHECKPOINTS)
         if not isinstance(deferred_batch_norm, bool):
@@ -304,7 +306,9 @@ class Pipeline(nn.Module):
         ``stages`` micro-batches of activations per stage. Returns the detached loss: the
         micro-batch losses weighted by their share of the batch (``loss_reduction="mean"``,
         so a mean-reduced loss gives the full-batch loss) or summed (``"sum"``). Parameter
-        gradients are those of the returned value; call ``optimizer.step()`` next.
+        gradients are those of the returned value; call ``optimizer.step()`` next. With
+        checkpointing, ``loss_fn`` runs again when a checkpointed micro-batch is recomputed,
+        so it should have no side effects.
 
         Example::
 
@@ -318,11 +322,13 @@ class Pipeline(nn.Module):
         tensors, batched = _flatten_inputs((input,))
         if isinstance(target, torch.Tensor):
             targets = [target]
-        elif isinstance(target, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in target):
+        elif isinstance(target, (tuple, list)) and target and all(
+                isinstance(t, torch.Tensor) for t in target):
             targets = list(target)
         else:
-            raise TypeError(f"target must be a Tensor or a tuple of Tensors, got "
-                            f"{type(target).__name__}")
+            what = "an empty " if isinstance(target, (tuple, list)) and not target else ""
+            raise TypeError("target must be a Tensor or a non-empty tuple of Tensors, got "
+                            f"{what}{type(target).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         _check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS)
