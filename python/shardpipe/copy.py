@@ -40,6 +40,7 @@ def copy_to(x, device, non_blocking=True):
     if not isinstance(non_blocking, bool):
         raise TypeError(f"non_blocking must be a bool, got {type(non_blocking).__name__}")
     if isinstance(x, torch.Tensor):
+        _check_not_meta(x, target)
         return torch.ops.shardpipe.copy_to([x], target, non_blocking)[0]
     if not isinstance(x, (tuple, list, dict)):
         raise TypeError(
@@ -47,8 +48,17 @@ def copy_to(x, device, non_blocking=True):
         )
     leaves, spec = pytree.tree_flatten(x)
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    for i in positions:
+        _check_not_meta(leaves[i], target)
     if positions:
         moved = torch.ops.shardpipe.copy_to([leaves[i] for i in positions], target, non_blocking)
         for i, tensor in zip(positions, moved):
             leaves[i] = tensor
     return pytree.tree_unflatten(leaves, spec)
+
+
+def _check_not_meta(tensor, target):
+    # A meta tensor has no data to copy (Tensor.to raises too); the operator's fake kernel
+    # would hand back uninitialised memory.
+    if tensor.device.type == "meta" and target.type != "meta":
+        raise ValueError(f"x holds a meta tensor, which has no data to copy to {target}")

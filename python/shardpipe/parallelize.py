@@ -62,7 +62,10 @@ def parallelize(model, plan, *, devices=None, group=None):
     tensor-parallel with one reduction per forward (the activation between them must be
     element-wise). The values are copied from the existing layers (over a process group, the
     first rank's), and ``model.state_dict()`` keeps its keys and full-size values. Every
-    pattern must match at least one submodule, and every match must be an ``nn.Linear``.
+    pattern must match at least one submodule, and every match must be an ``nn.Linear``
+    itself (a subclass such as attention's ``out_proj`` may be read through ``.weight`` by
+    its owner), registered once and sharing no parameter with another module (a tied
+    weight would come untied); anything else is refused before the model is changed.
 
     Args:
         model: the ``nn.Module`` to change.
@@ -86,7 +89,11 @@ def parallelize(model, plan, *, devices=None, group=None):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(plan, dict):
         raise TypeError(f"plan must be a dict of name pattern -> style, got {type(plan).__name__}")
-    names = [name for name, _ in model.named_modules() if name]
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    # Parameters by identity, with every name they go by (tied weights have several).
+    param_names = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(param), []).append(pname)
     chosen = {}
     for pattern, style in plan.items():
         if not isinstance(pattern, str):
@@ -101,11 +108,22 @@ def parallelize(model, plan, *, devices=None, group=None):
                     f"submodule {name!r} matches both {chosen[name][0]!r} and {pattern!r}"
                 )
             module = model.get_submodule(name)
-            if not isinstance(module, nn.Linear):
+            # A subclass may be read through .weight by its owner (MultiheadAttention's
+            # out_proj), which a sharded layer does not have.
+            if type(module) is not nn.Linear:
                 raise TypeError(
                     f"plan pattern {pattern!r} matches {name!r}, a {type(module).__name__}; "
-                    "only nn.Linear layers can be parallelized"
+                    "only nn.Linear layers (not subclasses) can be parallelized"
                 )
+            aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+            if len(aliases) > 1:
+                raise ValueError(f"submodule {name!r} is also registered as {aliases}; a "
+                                 "module used in several places cannot be parallelized")
+            for param in module.parameters():
+                tied = [n for n in param_names[id(param)] if not n.startswith(name + ".")]
+                if tied:
+                    raise ValueError(f"{name!r} shares a parameter with {tied}: tied weights "
+                                     "cannot be parallelized (the tie would be lost)")
             chosen[name] = (pattern, cls, options)
     # In model order, so that every rank of a group builds the layers in the same order.
     for name in names:

@@ -224,12 +224,14 @@ class _ParallelLinear(nn.Module):
     def _check_group_agrees(self, bias, dtype, cls):
         """Fail on every rank, instead of hanging later, when ranks build different layers."""
         p = self._placement
+        # chunks sets how many collectives a forward makes: ranks must agree on it too.
         mine = (cls, self.in_features, self.out_features, bias, str(dtype),
-                getattr(self, self._flag_name))
+                getattr(self, self._flag_name), self.chunks)
         everyone = [None] * p.num_shards
         dist.all_gather_object(everyone, mine, group=p.group)
         if any(other != mine for other in everyone):
-            fields = ("layer", "in_features", "out_features", "bias", "dtype", self._flag_name)
+            fields = ("layer", "in_features", "out_features", "bias", "dtype", self._flag_name,
+                      "chunks")
             lines = "; ".join(
                 f"rank {r}: " + ", ".join(f"{k}={v}" for k, v in zip(fields, sig))
                 for r, sig in enumerate(everyone)

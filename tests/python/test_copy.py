@@ -232,6 +232,13 @@ def test_non_tensor_x_is_a_type_error_naming_x(x):
         sp.copy_to(x, "cpu")
 
 
+def test_meta_tensors_have_nothing_to_copy():
+    with pytest.raises(ValueError, match="meta tensor"):
+        sp.copy_to(torch.ones(2, device="meta"), "cpu")
+    with pytest.raises(ValueError, match="meta tensor"):
+        sp.copy_to({"a": torch.ones(2), "b": torch.ones(2, device="meta")}, "cpu")
+
+
 @pytest.mark.parametrize("non_blocking", [1, "yes", None])
 def test_non_bool_non_blocking_is_a_type_error(non_blocking):
     with pytest.raises(TypeError, match="non_blocking"):

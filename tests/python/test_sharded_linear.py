@@ -363,6 +363,26 @@ def test_parallelize_errors(plan, error, match):
         shardpipe.parallelize(model, plan, devices=cpus(2))
 
 
+def test_parallelize_refuses_what_it_would_silently_break():
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    with pytest.raises(ValueError, match="shares a parameter with \\['embed.weight'\\]"):
+        shardpipe.parallelize(TiedHead(), {"head": "column"}, devices=cpus(2))
+    shared = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="also registered as"):
+        shardpipe.parallelize(nn.Sequential(shared, nn.ReLU(), shared), {"2": "column"},
+                              devices=cpus(2))
+    # MultiheadAttention reads out_proj.weight itself; its out_proj is an nn.Linear subclass.
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with pytest.raises(TypeError, match="not subclasses"):
+        shardpipe.parallelize(layer, {"self_attn.out_proj": "column"}, devices=cpus(2))
+
+
 # --- errors ------------------------------------------------------------------------------
 
 

@@ -310,6 +310,9 @@ def check_disagreeing_ranks_raise_instead_of_hanging(rank, world):
     with pytest.raises(ValueError, match="disagree"):
         shardpipe.RowParallelLinear(2 * world, 3, input_is_parallel=rank == 0,
                                     group=world_group())
+    # Different chunk counts mean different collectives: gloo would abort the process.
+    with pytest.raises(ValueError, match="chunks=1.*chunks=2"):
+        shardpipe.RowParallelLinear(2 * world, 3, chunks=1 + rank % 2, group=world_group())
 
 
 def check_errors(rank, world):
