@@ -12,6 +12,7 @@ every rank as the reference; the script prints both losses and exits non-zero if
 
 import argparse
 import copy
+import gc
 import os
 import sys
 
@@ -91,6 +92,7 @@ def main():
     # Drop the layers (which hold the process group) and finish every collective while Python
     # still runs: gloo's threads must not be left to finish work during interpreter exit.
     del model, optimizers
+    gc.collect()  # layers caught in reference cycles would otherwise outlive the group
     dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
