@@ -91,12 +91,13 @@ std::mutex* generator_mutex(at::Device device) {
 }
 
 thread_local std::vector<std::mutex*> held_by_thread;  // taken here, in order
-thread_local std::vector<std::mutex*> inherited;       // held by the callers this thread serves
+// Held by the callers of the step this thread serves (the step owns the list).
+thread_local const std::vector<std::mutex*>* inherited = nullptr;
 
 }  // namespace
 
 std::vector<std::mutex*> generator_locks_held_here() {
-  std::vector<std::mutex*> all = inherited;
+  std::vector<std::mutex*> all = inherited ? *inherited : std::vector<std::mutex*>{};
   all.insert(all.end(), held_by_thread.begin(), held_by_thread.end());
   return all;
 }
@@ -133,9 +134,9 @@ void GeneratorLock::release() {
 }
 
 GeneratorLocksInherited::GeneratorLocksInherited(const std::vector<std::mutex*>& held)
-    : previous_(std::exchange(inherited, held)) {}
+    : previous_(std::exchange(inherited, &held)) {}
 
-GeneratorLocksInherited::~GeneratorLocksInherited() { inherited = std::move(previous_); }
+GeneratorLocksInherited::~GeneratorLocksInherited() { inherited = previous_; }
 
 bool is_recomputing() { return recomputing; }
 

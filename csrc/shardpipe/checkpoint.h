@@ -64,7 +64,8 @@ class GeneratorLock {
   std::unique_lock<std::mutex> lock_;
 };
 
-// While alive, the calling thread works for a step whose caller holds `held` (see above).
+// While alive, the calling thread works for a step whose caller holds `held` (see above);
+// `held` must outlive it.
 class GeneratorLocksInherited {
  public:
   explicit GeneratorLocksInherited(const std::vector<std::mutex*>& held);
@@ -73,7 +74,7 @@ class GeneratorLocksInherited {
   GeneratorLocksInherited& operator=(const GeneratorLocksInherited&) = delete;
 
  private:
-  std::vector<std::mutex*> previous_;
+  const std::vector<std::mutex*>* previous_;
 };
 
 // True on a thread while it recomputes a checkpointed forward: layers that keep running

@@ -565,13 +565,7 @@ void Engine::run_forward(Step& step, int s, int i) {
     if (step.fused) step.losses[i] = detached[0];
     step.outputs[i] = std::move(detached);
   } else {
-    // A checkpointed forward ran without a graph: whether its output needs a gradient is
-    // known only when it is recomputed, so the next stage assumes it does.
-    std::vector<bool> has_grad;
-    for (const auto& t : out)
-      has_grad.push_back(checkpointed || (t.defined() && t.requires_grad()));
-    step.at(s + 1, i).input_has_grad = std::move(has_grad);
-    send(step, out, s + 1, i, /*grads=*/false);
+    send(step, out, s + 1, i, /*grads=*/false, checkpointed);
   }
 }
 
@@ -621,7 +615,14 @@ void Engine::run_backward(Step& step, int s, int i) {
   }
 }
 
-void Engine::send(Step& step, const Activations& xs, int to_stage, int i, bool grads) {
+void Engine::send(Step& step, const Activations& xs, int to_stage, int i, bool grads,
+                  bool checkpointed) {
+  // A checkpointed forward ran without a graph: whether its output needs a gradient is
+  // known only when it is recomputed, so the next stage assumes it does.
+  std::vector<bool> has_grad;
+  if (!grads) {
+    for (const auto& t : xs) has_grad.push_back(checkpointed || (t.defined() && t.requires_grad()));
+  }
   // The producer's stream is the current one.
   Activations moved = transfer(xs, options_.devices[to_stage], streams_[to_stage]);
   std::lock_guard<std::mutex> lock(step.mutex);
@@ -631,6 +632,7 @@ void Engine::send(Step& step, const Activations& xs, int to_stage, int i, bool g
     slot.has_grad = true;
   } else {
     slot.input = std::move(moved);
+    slot.input_has_grad = std::move(has_grad);
     slot.has_input = true;
   }
   step.generation++;

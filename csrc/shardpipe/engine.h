@@ -104,7 +104,10 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // The gradient of each input of `forward`/`train_step` (undefined where none arrived), on
   // the input's own device, from the first stage's micro-batches.
   std::vector<at::Tensor> input_gradients(Step& step);
-  void send(Step& step, const Activations& xs, int to_stage, int i, bool grads);
+  // Hands a stage's outputs (or input gradients) to `to_stage`; `checkpointed` says the
+  // outputs were made without a graph.
+  void send(Step& step, const Activations& xs, int to_stage, int i, bool grads,
+            bool checkpointed = false);
   // The schedule for a micro-batch count (one phase, or both), made once and kept: the
   // interleaved one is searched for by simulation.
   const Schedule& schedule_for(int micro_batches, std::optional<Phase> phase);
