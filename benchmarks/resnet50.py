@@ -70,14 +70,9 @@ from torch import nn
 import shardpipe as sp
 from shardpipe.sequentialize import _blocks
 
-
-def default_devices():
-    gpus = torch.cuda.device_count()
-    if gpus > 1:
-        return [f"cuda:{i}" for i in range(gpus)]
-    if gpus == 1:
-        return ["cuda:0", "cuda:0"]
-    return ["cpu", "cpu"]
+# The main job's choice of devices, so that the benchmark and the example agree.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from resnet50_pipeline import default_devices  # noqa: E402
 
 
 def synchronize(devices):
