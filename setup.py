@@ -51,12 +51,16 @@ def want_cuda():
 
 
 def sources(with_cuda):
-    rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
-    srcs = ["csrc/bindings.cpp"] + rel(glob.glob(os.path.join(ROOT, "csrc/shardpipe/*.cpp")))
-    if with_cuda:
-        srcs += rel(glob.glob(os.path.join(ROOT, "csrc/shardpipe/cuda/*.cpp")))
-        srcs += rel(glob.glob(os.path.join(ROOT, "csrc/shardpipe/cuda/*.cu")))
-    return srcs
+    """bindings.cpp and every core source under csrc/shardpipe/; files inside a cuda/ folder
+    (stream code and kernels of each product) only with CUDA."""
+    found = glob.glob(os.path.join(ROOT, "csrc/shardpipe/**/*.cpp"), recursive=True)
+    found += glob.glob(os.path.join(ROOT, "csrc/shardpipe/**/*.cu"), recursive=True)
+    srcs = []
+    for path in sorted(os.path.relpath(p, ROOT) for p in found):
+        in_cuda = "cuda" in path.split(os.sep)[:-1]
+        if with_cuda or not (in_cuda or path.endswith(".cu")):
+            srcs.append(path)
+    return ["csrc/bindings.cpp"] + srcs
 
 
 def extension():

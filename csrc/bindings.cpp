@@ -6,13 +6,18 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <mutex>
 #include <vector>
 
-#include "shardpipe/balance.h"
-#include "shardpipe/checkpoint.h"
-#include "shardpipe/engine.h"
-#include "shardpipe/schedule.h"
+#include "shardpipe/pipeline/balance.h"
+#include "shardpipe/pipeline/checkpoint.h"
+#include "shardpipe/pipeline/engine.h"
+#include "shardpipe/pipeline/executor.h"
+#include "shardpipe/pipeline/placement.h"
+#include "shardpipe/pipeline/schedule.h"
 
 namespace py = pybind11;
 using shardpipe::Activations;
@@ -33,6 +38,7 @@ std::shared_ptr<py::object> hold(py::object obj) {
 // hold.
 std::mutex ended_states_mutex;
 std::vector<PyThreadState*> ended_states;
+std::atomic<bool> any_ended_states{false};  // read on every stage call; the lock only if set
 
 // Gives the calling thread a Python thread state that outlives one call. Without it every
 // GIL acquisition on an engine worker creates and destroys a thread state, which costs more
@@ -46,6 +52,7 @@ class PersistentThreadState {
   ~PersistentThreadState() {
     std::lock_guard<std::mutex> lock(ended_states_mutex);
     ended_states.push_back(saved_);
+    any_ended_states = true;
   }
 
  private:
@@ -53,10 +60,19 @@ class PersistentThreadState {
 };
 
 // Makes the calling thread ready for a Python call: a kept thread state, the GIL is taken by
-// the caller after this. torch's autograd engine restores a Python error on the thread that
-// ran a failed backward before rethrowing it as a C++ exception; with a kept thread state
-// that indicator would outlive the failure, so it is cleared before the next call.
-void keep_thread_state() { thread_local PersistentThreadState state; }
+// the caller after this. A thread Python already knows (the caller's own, when the executor
+// runs the tasks there) keeps the state it has. torch's autograd engine restores a Python
+// error on the thread that ran a failed backward before rethrowing it as a C++ exception;
+// with a kept thread state that indicator would outlive the failure, so it is cleared before
+// the next call.
+void keep_thread_state() {
+  thread_local bool ready = false;
+  if (ready) return;
+  ready = true;
+  if (PyGILState_GetThisThreadState() == nullptr) {
+    thread_local PersistentThreadState state;
+  }
+}
 
 void clear_stale_error() {
   if (PyErr_Occurred()) PyErr_Clear();
@@ -64,10 +80,12 @@ void clear_stale_error() {
 
 // Needs the GIL.
 void delete_ended_thread_states() {
+  if (!any_ended_states.load(std::memory_order_relaxed)) return;
   std::vector<PyThreadState*> ended;
   {
     std::lock_guard<std::mutex> lock(ended_states_mutex);
     ended.swap(ended_states);
+    any_ended_states = false;
   }
   for (auto* state : ended) {
     PyThreadState_Clear(state);
@@ -145,12 +163,17 @@ shardpipe::LossFn python_loss(py::object loss_fn) {
   };
 }
 
-// Names the stage and micro-batch in a Python exception's message, keeping its type.
+// Names the stage and micro-batch in a Python exception's message, keeping its type; other
+// exceptions are left to the executor's own annotation (null).
 std::exception_ptr annotate(std::exception_ptr error, const std::string& where) {
   try {
     std::rethrow_exception(error);
   } catch (python_error& e) {
     py::gil_scoped_acquire gil;
+    // A failed backward that autograd ran on this very thread (the executor runs the tasks
+    // on the caller's thread) left this exception restored as the thread's pending error;
+    // editing it needs a clear indicator, and whoever raises it restores it again.
+    clear_stale_error();
     if (e.value) {
       py::handle value(e.value);
       std::string suffix = " [shardpipe: raised in " + where + "]";
@@ -169,11 +192,8 @@ std::exception_ptr annotate(std::exception_ptr error, const std::string& where) 
       e.build_message();
     }
     return std::current_exception();
-  } catch (c10::Error& e) {
-    e.add_context("shardpipe: raised in " + where);
-    return std::current_exception();
   } catch (...) {
-    return error;
+    return nullptr;
   }
 }
 
@@ -205,7 +225,7 @@ const char* phase_name(shardpipe::Phase p) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "shardpipe's C++ core";
-  shardpipe::Engine::set_error_annotator(&annotate);
+  shardpipe::Executor::set_error_annotator(&annotate);
 
   m.def(
       "cuda_compiled",
@@ -226,21 +246,76 @@ PYBIND11_MODULE(_C, m) {
   m.def("is_recomputing", &shardpipe::is_recomputing,
         "True while this thread recomputes a checkpointed forward.");
 
+  m.def("schedule_names", &shardpipe::schedule_names, "The pipeline schedules, by name.");
+  m.def("checkpoint_names", &shardpipe::checkpoint_names, "The checkpoint modes, by name.");
+
+  // Placement: the C++ core's rule, asked by Pipeline (std::invalid_argument -> ValueError).
   m.def(
-      "schedule",
-      [](const std::string& kind, int stages, int micro_batches, int workers) {
-        auto schedule = shardpipe::make_schedule(shardpipe::parse_schedule(kind), stages,
-                                                 micro_batches, workers);
-        py::list per_worker;
-        for (const auto& tasks : schedule.per_worker) {
-          py::list list;
-          for (const auto& t : tasks)
-            list.append(py::make_tuple(t.stage, t.micro_batch, phase_name(t.phase)));
-          per_worker.append(list);
-        }
-        return per_worker;
+      "default_stage_count",
+      [](const std::string& schedule, int devices, int64_t blocks, const std::string& what) {
+        return shardpipe::default_stage_count(shardpipe::parse_schedule(schedule), devices, blocks,
+                                              what);
       },
-      "Per-worker task lists [(stage, micro_batch, 'forward'|'backward'), ...].");
+      py::arg("schedule"), py::arg("devices"), py::arg("blocks"), py::arg("what"),
+      "Stages of a pipeline without a balance: one per device (two with 'interleaved').");
+  m.def(
+      "check_balance",
+      [](const std::vector<int64_t>& balance, int64_t blocks, const std::string& what, int devices,
+         const std::string& schedule) {
+        shardpipe::check_balance(balance, blocks, what, devices,
+                                 shardpipe::parse_schedule(schedule));
+      },
+      py::arg("balance"), py::arg("blocks"), py::arg("what"), py::arg("devices"),
+      py::arg("schedule"), "Raises ValueError unless the balance fits the blocks and devices.");
+  m.def(
+      "place",
+      [](const std::string& schedule, int stages, const std::vector<std::string>& devices) {
+        std::vector<at::Device> parsed;
+        for (const auto& d : devices) parsed.emplace_back(d);
+        auto placement =
+            shardpipe::Placement::make(shardpipe::parse_schedule(schedule), stages, parsed);
+        std::vector<std::string> stage_devices;
+        for (const auto& d : placement.stage_devices) stage_devices.push_back(d.str());
+        return py::make_tuple(stage_devices, placement.workers);
+      },
+      py::arg("schedule"), py::arg("stages"), py::arg("devices"),
+      "(device of each stage, number of workers) for `stages` stages on `devices`.");
+
+  // For benchmarks/pipeline_bench.py: the engine's own cost per task, without Python.
+  m.def(
+      "_engine_overhead",
+      [](int stages, int64_t chunks, const std::string& threads, int repeats, bool grad) {
+        return without_gil([&] {
+          std::vector<shardpipe::StageFn> identity(
+              stages, [](const Activations& in) -> Activations { return in; });
+          shardpipe::EngineOptions options;
+          options.devices.assign(stages, at::kCPU);
+          options.chunks = chunks;
+          auto engine = shardpipe::Engine::create(std::move(identity), options);
+          engine->executor().set_threads(shardpipe::parse_threads(threads));
+          auto x = at::randn({chunks, 4});
+          at::AutoGradMode grad_mode(grad);
+          if (grad) x.requires_grad_(true);
+          auto run = [&] {
+            auto out = engine->forward({x}, {true});
+            if (grad) out[0].sum().backward();
+          };
+          run();
+          run();
+          std::vector<double> seconds;
+          for (int r = 0; r < repeats; ++r) {
+            auto start = std::chrono::steady_clock::now();
+            run();
+            seconds.push_back(
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+          }
+          std::sort(seconds.begin(), seconds.end());
+          const double tasks = static_cast<double>(stages) * chunks * (grad ? 2 : 1);
+          return seconds[seconds.size() / 2] / tasks * 1e6;
+        });
+      },
+      py::arg("stages"), py::arg("chunks"), py::arg("threads"), py::arg("repeats"), py::arg("grad"),
+      "Median microseconds per task of a pipeline of C++ identity stages.");
 
   py::class_<shardpipe::Engine, std::shared_ptr<shardpipe::Engine>>(m, "Engine")
       .def(
@@ -281,11 +356,22 @@ PYBIND11_MODULE(_C, m) {
                return 0;
              });
            })
-      .def("set_tracing", &shardpipe::Engine::set_tracing)
+      .def("set_tracing", [](shardpipe::Engine& e, bool on) { e.executor().set_tracing(on); })
+      .def_property(
+          "threads",
+          [](shardpipe::Engine& e) { return shardpipe::threads_name(e.executor().threads()); },
+          [](shardpipe::Engine& e, const std::string& name) {
+            e.executor().set_threads(shardpipe::parse_threads(name));
+          },
+          "Which threads run the tasks: 'auto', 'workers' or 'caller' (private: benchmarks and "
+          "tests set it).")
+      .def_property_readonly(
+          "last_threads",
+          [](shardpipe::Engine& e) { return shardpipe::threads_name(e.executor().last_threads()); })
       .def("take_trace",
            [](shardpipe::Engine& e) {
              py::list events;
-             for (const auto& ev : e.take_trace()) {
+             for (const auto& ev : e.executor().take_trace()) {
                events.append(py::make_tuple(ev.stage, ev.micro_batch, phase_name(ev.phase),
                                             ev.worker, ev.start_us, ev.end_us));
              }

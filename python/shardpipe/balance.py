@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import _C
-from ._devices import as_device
+from ._checks import as_device
 from .sequentialize import _blocks, sequentialize
 
 __all__ = ["balance_by_size", "balance_by_time"]

@@ -3,7 +3,7 @@
 import torch
 from torch.utils import _pytree as pytree
 
-from ._devices import as_device
+from ._checks import as_device
 
 __all__ = ["copy_to"]
 

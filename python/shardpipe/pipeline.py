@@ -9,15 +9,13 @@ import torch
 from torch import nn
 
 from . import _C
-from ._devices import as_device
+from ._checks import as_device_list, check_bool, check_choice, check_int
 from .batchnorm import DeferredBatchNorm
 from .sequentialize import _blocks
 from .trace import Trace
 
 __all__ = ["Pipeline", "NoChunk"]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
-CHECKPOINTS = ("never", "except_last", "always")
 LOSS_REDUCTIONS = ("mean", "sum")
 
 _live = weakref.WeakSet()
@@ -55,22 +53,6 @@ class NoChunk:
 
     def __repr__(self):
         return f"NoChunk({tuple(self.tensor.shape)})"
-
-
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _check_choice(value, name, allowed):
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {allowed}, got {type(value).__name__}")
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
 
 
 def _default_balance(blocks, stages):
@@ -178,32 +160,21 @@ class Pipeline(nn.Module):
             from .sequentialize import sequentialize
 
             module = sequentialize(module)
-        if isinstance(devices, (str, torch.device)) or not isinstance(devices, (list, tuple)):
-            raise TypeError("devices must be a list of devices, one per stage, got "
-                            f"{type(devices).__name__}")
-        if not devices:
-            raise ValueError("devices must list at least one device")
-        devices = [as_device(d, f"devices[{i}]") for i, d in enumerate(devices)]
-        chunks = _check_int(chunks, "chunks", 1)
-        if chunks > 2**31 - 1:
-            raise ValueError(f"chunks must be at most {2**31 - 1}, got {chunks}")
-        schedule = _check_choice(schedule, "schedule", SCHEDULES)
-        checkpoint = _check_choice(checkpoint, "checkpoint", CHECKPOINTS)
-        if not isinstance(deferred_batch_norm, bool):
-            raise TypeError("deferred_batch_norm must be a bool, got "
-                            f"{type(deferred_batch_norm).__name__}")
+        devices = as_device_list(devices, "devices")
+        chunks = check_int(chunks, "chunks", 1, 2**31 - 1)
+        schedule = check_choice(schedule, "schedule", _C.schedule_names())
+        checkpoint = check_choice(checkpoint, "checkpoint", _C.checkpoint_names())
+        check_bool(deferred_batch_norm, "deferred_batch_norm")
 
         blocks = _blocks(module, nested)
         what = "blocks (children, nested Sequentials opened)" if nested else "children"
         if balance is None:
-            stages = len(devices) * (2 if schedule == "interleaved" else 1)
-            if schedule == "interleaved" and stages > len(blocks):
-                stages = len(devices)
-            if stages > len(blocks):
-                raise ValueError(f"devices lists {len(devices)} devices, but the module has only "
-                                 f"{len(blocks)} {what} to split into stages")
+            stages = _C.default_stage_count(schedule, len(devices), len(blocks), what)
             balance = _default_balance(blocks, stages)
-        balance = self._check_balance(balance, len(blocks), what, len(devices), schedule)
+        if not isinstance(balance, (list, tuple)):
+            raise TypeError(f"balance must be a list of ints, got {type(balance).__name__}")
+        balance = [check_int(b, f"balance[{i}]") for i, b in enumerate(balance)]
+        _C.check_balance(balance, len(blocks), what, len(devices), schedule)
 
         if deferred_batch_norm:
             module = DeferredBatchNorm.convert(module)
@@ -220,7 +191,8 @@ class Pipeline(nn.Module):
         for name, child in children:
             self.add_module(name, child)
 
-        stage_devices = [devices[s % len(devices)] for s in range(len(balance))]
+        stage_devices, workers = _C.place(schedule, len(balance), [str(d) for d in devices])
+        stage_devices = [torch.device(d) for d in stage_devices]
         stages, start = [], 0
         for size, device in zip(balance, stage_devices):
             stages.append(_stage_module(blocks[start:start + size]).to(device))
@@ -235,31 +207,9 @@ class Pipeline(nn.Module):
         self._schedule = schedule
         self._checkpoint = checkpoint
         self._deferred = [m for m in self.modules() if isinstance(m, DeferredBatchNorm)]
-        workers = len(devices) if schedule == "interleaved" else len(balance)
         self._engine = _C.Engine(list(stages), [str(d) for d in stage_devices], workers, chunks,
                                  schedule, checkpoint)
         _live.add(self)
-
-    @staticmethod
-    def _check_balance(balance, blocks, what, devices, schedule):
-        if not isinstance(balance, (list, tuple)):
-            raise TypeError(f"balance must be a list of ints, got {type(balance).__name__}")
-        for i, b in enumerate(balance):
-            if isinstance(b, bool) or not isinstance(b, int):
-                raise TypeError(f"balance[{i}] must be an int, got {type(b).__name__}")
-            if b < 1:
-                raise ValueError(f"balance[{i}] must be at least 1 (no empty stages), got {b}")
-        if sum(balance) != blocks:
-            raise ValueError(f"balance must sum to the module's {blocks} {what}, got "
-                             f"{list(balance)} (sum {sum(balance)})")
-        if schedule == "interleaved":
-            if len(balance) % devices != 0:
-                raise ValueError(f"with schedule='interleaved', balance needs a multiple of the "
-                                 f"{devices} devices in stages, got {len(balance)}")
-        elif len(balance) != devices:
-            raise ValueError(f"balance has {len(balance)} stages but devices lists {devices}; "
-                             "give one device per stage")
-        return list(balance)
 
     @property
     def stages(self):
@@ -331,7 +281,7 @@ class Pipeline(nn.Module):
                             f"{what}{type(target).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        _check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS)
+        check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS)
         loss = self._engine.train_step(tensors, batched, targets, loss_fn,
                                        loss_reduction == "sum")
         self._commit_batch_norm()

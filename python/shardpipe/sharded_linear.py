@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._devices import as_device
+from ._checks import as_device_list, check_bool, check_dtype, check_int
 from .sharded_tensor import ShardedTensor, assemble, disassemble
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "Shard"]
@@ -49,31 +49,6 @@ class Shard(NamedTuple):
 
 def _shard_sizes(total, shards):
     return [total // shards + (1 if i < total % shards else 0) for i in range(shards)]
-
-
-def _positive_int(value, name):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return value
-
-
-def _check_bool(value, name):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _check_dtype(dtype):
-    if dtype is None:
-        dtype = torch.get_default_dtype()
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
-    if dtype not in _DTYPES:
-        allowed = ", ".join(str(d) for d in _DTYPES)
-        raise ValueError(f"dtype must be one of {allowed}; got {dtype}")
-    return dtype
 
 
 def _group_device(group):
@@ -110,14 +85,7 @@ class _Placement:
             self.local = [self.rank]
             self.local_devices = [self.device]
         else:
-            if isinstance(devices, (str, torch.device, int)) or not hasattr(devices, "__len__"):
-                raise TypeError(
-                    "devices must be a list of devices such as ['cuda:0', 'cuda:1'] or "
-                    f"['cpu', 'cpu'], got {type(devices).__name__}"
-                )
-            if len(devices) == 0:
-                raise ValueError("devices must list at least one device, got an empty list")
-            self.devices = tuple(as_device(d, f"devices[{i}]") for i, d in enumerate(devices))
+            self.devices = tuple(as_device_list(devices, "devices"))
             self.num_shards = len(self.devices)
             self.device = self.devices[0]
             self.local = list(range(self.num_shards))
@@ -139,12 +107,12 @@ class _ParallelLinear(nn.Module):
                source):
         """Set the layer up; ``source`` is (weight, bias) to copy, or None to draw them."""
         cls = type(self).__name__
-        self.in_features = _positive_int(in_features, "in_features")
-        self.out_features = _positive_int(out_features, "out_features")
-        _check_bool(bias, "bias")
-        setattr(self, self._flag_name, _check_bool(flag, self._flag_name))
-        dtype = _check_dtype(dtype)
-        self.chunks = _positive_int(chunks, "chunks")
+        self.in_features = check_int(in_features, "in_features", 1)
+        self.out_features = check_int(out_features, "out_features", 1)
+        check_bool(bias, "bias")
+        setattr(self, self._flag_name, check_bool(flag, self._flag_name))
+        dtype = check_dtype(dtype, _DTYPES)
+        self.chunks = check_int(chunks, "chunks", 1)
         default_device = source[0].device if source is not None else torch.empty(0).device
         placement = _Placement(devices, group, default_device)
         split_total = self.out_features if self._split_dim == 0 else self.in_features

@@ -1,0 +1,245 @@
+#include "shardpipe/pipeline/engine.h"
+
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "shardpipe/pipeline/autograd.h"
+#include "shardpipe/pipeline/microbatch.h"
+#include "shardpipe/pipeline/stage_stream.h"
+
+namespace shardpipe {
+namespace {
+
+// The engines with a call running on this thread (a stage may run a pipeline of its own).
+thread_local std::vector<const Engine*> engines_in_call;
+
+// Keeps the engine from being shut down during a call, and marks the call on this thread.
+class EngineCall {
+ public:
+  EngineCall(const Engine* engine, std::shared_mutex& lifecycle, const bool& closed)
+      : lock_(lifecycle) {
+    TORCH_CHECK(!closed, "shardpipe: this pipeline was closed");
+    engines_in_call.push_back(engine);
+  }
+  ~EngineCall() { engines_in_call.pop_back(); }
+  EngineCall(const EngineCall&) = delete;
+  EngineCall& operator=(const EngineCall&) = delete;
+
+ private:
+  std::shared_lock<std::shared_mutex> lock_;
+};
+
+// The placement the options describe, validated; c10::ValueError names what is wrong.
+Placement placement_of(size_t stages, EngineOptions& options) {
+  TORCH_CHECK_VALUE(stages >= 1, "shardpipe: a pipeline needs at least one stage");
+  TORCH_CHECK_VALUE(options.devices.size() == stages, "shardpipe: ", stages, " stages but ",
+                    options.devices.size(), " devices");
+  TORCH_CHECK_VALUE(options.chunks >= 1, "shardpipe: chunks must be at least 1, got ",
+                    options.chunks);
+  if (options.workers == 0) options.workers = static_cast<int>(stages);
+  Placement placement{options.devices, options.workers};
+  try {
+    placement.validate(options.schedule);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, "shardpipe: ", e.what());
+  }
+  return placement;
+}
+
+}  // namespace
+
+std::shared_ptr<Engine> Engine::create(std::vector<StageFn> stages, EngineOptions options) {
+  return std::shared_ptr<Engine>(new Engine(std::move(stages), std::move(options)));
+}
+
+Engine::Engine(std::vector<StageFn> stages, EngineOptions options)
+    : options_(std::move(options)),
+      placement_(placement_of(stages.size(), options_)),
+      transport_(placement_, streams_) {
+  for (int s = 0; s < placement_.stages(); ++s) {
+    streams_.push_back(pool_stream(placement_.stage_devices[s]));
+  }
+  for (int s = 0; s < placement_.stages(); ++s) {
+    stage_workers_.emplace_back(s, placement_.stages(), std::move(stages[s]),
+                                placement_.stage_devices[s], streams_[s], options_.checkpoint,
+                                transport_);
+  }
+  executor_ = std::make_unique<Executor>(placement_, transport_, stage_workers_);
+}
+
+Engine::~Engine() { executor_.reset(); }
+
+void Engine::shutdown() {
+  // From one of its own stages the call that runs the stage would wait for itself.
+  const bool inside =
+      std::find(engines_in_call.begin(), engines_in_call.end(), this) != engines_in_call.end() ||
+      executor_->is_worker_thread();
+  TORCH_CHECK(!inside, "shardpipe: a pipeline cannot be closed from inside one of its own ",
+              "stages or its loss function");
+  std::unique_lock<std::shared_mutex> lock(lifecycle_);
+  closed_ = true;
+  executor_->stop();
+}
+
+const Schedule& Engine::schedule_for(int micro_batches, std::optional<Phase> phase) {
+  std::lock_guard<std::mutex> lock(schedules_mutex_);
+  const int key = phase ? static_cast<int>(*phase) : -1;
+  auto it = schedules_.find({micro_batches, key});
+  if (it == schedules_.end()) {
+    auto schedule = make_schedule(options_.schedule, stages(), micro_batches, workers());
+    if (phase) schedule = schedule.only(*phase);
+    it = schedules_.emplace(std::make_pair(micro_batches, key), std::move(schedule)).first;
+  }
+  return it->second;  // std::map keeps references valid while entries are added
+}
+
+void Engine::stages_wait_for_caller() {
+  for (int s = 0; s < stages(); ++s) {
+    wait_stream(streams_[s], current_stream(placement_.stage_devices[s]));
+  }
+}
+
+void Engine::caller_waits_for_stages() {
+  for (int s = 0; s < stages(); ++s) {
+    wait_stream(current_stream(placement_.stage_devices[s]), streams_[s]);
+  }
+}
+
+std::shared_ptr<Step> Engine::make_step(const Activations& inputs,
+                                        const std::vector<bool>& batched) {
+  auto step = std::make_shared<Step>();
+  step->stages = stages();
+  auto parts = split_into_micro_batches(*step, inputs, batched, options_.chunks);
+  stages_wait_for_caller();
+  step->generators_held_by_caller = generator_locks_held_here();
+  step->grad_enabled = at::GradMode::is_enabled();
+  for (const auto& x : inputs) {
+    step->input_requires_grad.push_back(step->grad_enabled && x.requires_grad());
+  }
+  // The caller's micro-batches are the first stage's input.
+  for (int i = 0; i < step->micro_batches; ++i) {
+    Slot& slot = step->at(0, i);
+    slot.input = transfer(parts[i], placement_.stage_devices[0], streams_[0]);
+    slot.has_input = true;
+  }
+  return step;
+}
+
+Activations Engine::forward(const Activations& inputs, const std::vector<bool>& batched) {
+  EngineCall call(this, lifecycle_, closed_);
+  auto step = make_step(inputs, batched);
+  const int S = stages(), m = step->micro_batches;
+  executor_->execute(*step, schedule_for(m, Phase::kForward), std::nullopt);
+
+  caller_waits_for_stages();
+  auto here = current_stream(placement_.stage_devices[S - 1]);
+  for (const auto& mb : step->outputs) record_on(mb, here);
+  Activations outputs = concat_micro_batches(step->outputs, "output");
+  for (auto& t : outputs) {
+    if (t.requires_grad()) t = t.detach();
+  }
+
+  bool attach = false;
+  if (step->grad_enabled) {
+    attach = options_.checkpoint != CheckpointMode::kNever;
+    for (int i = 0; i < m && !attach; ++i) {
+      for (const auto& t : step->at(S - 1, i).output) attach = attach || t.requires_grad();
+    }
+  }
+  step->outputs.clear();
+  if (!attach) return outputs;
+
+  std::vector<size_t> differentiable;
+  for (size_t k = 0; k < outputs.size(); ++k) {
+    if (outputs[k].is_floating_point() || outputs[k].is_complex()) differentiable.push_back(k);
+  }
+  attach_pipeline_backward(shared_from_this(), step, inputs, outputs, differentiable);
+  return outputs;
+}
+
+std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tensor>& grads) {
+  EngineCall call(this, lifecycle_, closed_);
+  TORCH_CHECK(!step.backward_ran,
+              "shardpipe: the pipeline's backward already ran for this forward");
+  step.backward_ran = true;
+  step.tls = at::ThreadLocalState();
+  step.tls_thread = std::this_thread::get_id();
+  // The backward's caller may hold other locks than the forward's (or none).
+  step.generators_held_by_caller = generator_locks_held_here();
+  const int S = stages(), m = step.micro_batches;
+  std::optional<at::Device> inline_device;
+  std::vector<std::vector<at::Tensor>> parts(grads.size());
+  for (size_t k = 0; k < grads.size(); ++k) {
+    if (!grads[k].defined()) continue;
+    // Autograd runs this node on the thread of its first non-CPU gradient's device.
+    if (grads[k].is_cuda() && !inline_device) inline_device = grads[k].device();
+    parts[k] =
+        m == 1 ? std::vector<at::Tensor>{grads[k]} : grads[k].split_with_sizes(step.sizes, 0);
+  }
+  stages_wait_for_caller();
+  // The caller's gradients are the last stage's output gradients.
+  for (int i = 0; i < m; ++i) {
+    Activations g(grads.size());
+    for (size_t k = 0; k < grads.size(); ++k) {
+      if (!parts[k].empty()) g[k] = parts[k][i];
+    }
+    Slot& slot = step.at(S - 1, i);
+    slot.grad = transfer(g, placement_.stage_devices[S - 1], streams_[S - 1]);
+    slot.has_grad = true;
+  }
+  executor_->execute(step, schedule_for(m, Phase::kBackward), inline_device);
+  caller_waits_for_stages();
+  return input_gradients(step, placement_.stage_devices[0]);
+}
+
+at::Tensor Engine::train_step(const Activations& inputs, const std::vector<bool>& batched,
+                              const Activations& targets, const LossFn& loss, bool sum_reduction) {
+  TORCH_CHECK(at::GradMode::is_enabled(),
+              "shardpipe: train_step needs grad mode; it was called under torch.no_grad() or "
+              "torch.inference_mode()");
+  EngineCall call(this, lifecycle_, closed_);
+  auto step = make_step(inputs, batched);
+  const int S = stages(), m = step->micro_batches;
+  step->fused = true;
+  step->loss = &loss;
+  const at::Device last = placement_.stage_devices[S - 1];
+  std::vector<std::vector<at::Tensor>> pieces;
+  for (size_t k = 0; k < targets.size(); ++k) {
+    TORCH_CHECK_VALUE(
+        targets[k].defined() && targets[k].dim() >= 1 && targets[k].size(0) == step->batch,
+        "shardpipe: target ", k, " must have the batch size ", step->batch,
+        " in its first dimension");
+    pieces.push_back(targets[k].split_with_sizes(step->sizes, 0));
+  }
+  for (int i = 0; i < m; ++i) {
+    Activations t;
+    for (const auto& p : pieces) t.push_back(p[i]);
+    step->targets.push_back(transfer(t, last, streams_[S - 1]));
+    step->weights.push_back(sum_reduction ? 1.0
+                                          : static_cast<double>(step->sizes[i]) / step->batch);
+  }
+  step->losses.resize(m);
+  executor_->execute(*step, schedule_for(m, std::nullopt), std::nullopt);
+
+  caller_waits_for_stages();
+  auto here = current_stream(last);
+  record_on(step->losses, here);
+  at::Tensor total = at::stack(step->losses).sum();
+
+  // Gradients of the inputs travel on into whatever produced them.
+  auto input_grads = input_gradients(*step, placement_.stage_devices[0]);
+  std::vector<at::Tensor> roots, grads;
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    if (!input_grads[k].defined()) continue;
+    roots.push_back(inputs[k]);
+    grads.push_back(input_grads[k]);
+  }
+  if (!roots.empty()) torch::autograd::backward(roots, grads);
+  return total;
+}
+
+}  // namespace shardpipe

@@ -1,0 +1,94 @@
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "shardpipe/pipeline/checkpoint.h"
+#include "shardpipe/pipeline/executor.h"
+#include "shardpipe/pipeline/local_transport.h"
+#include "shardpipe/pipeline/placement.h"
+#include "shardpipe/pipeline/schedule.h"
+#include "shardpipe/pipeline/stage_worker.h"
+#include "shardpipe/pipeline/step.h"
+
+namespace shardpipe {
+
+struct EngineOptions {
+  std::vector<at::Device> devices;  // one per stage
+  int workers = 0;                  // 0: one per stage; else stage s runs on worker s % workers
+  int64_t chunks = 1;
+  ScheduleKind schedule = ScheduleKind::kGPipe;
+  CheckpointMode checkpoint = CheckpointMode::kNever;
+};
+
+// The pipeline's phases: splits a mini-batch into micro-batches, has the executor run the
+// schedule's tasks over them, and gathers what comes out. `forward` returns outputs whose
+// autograd node runs the backward schedule; `train_step` runs both phases in one schedule
+// (needed for 1F1B's memory bound). The rooms it composes: Placement (which stage where),
+// StageWorker (one stage's tasks), LocalTransport (hand-offs), Executor (threads and order).
+class Engine : public std::enable_shared_from_this<Engine> {
+ public:
+  static std::shared_ptr<Engine> create(std::vector<StageFn> stages, EngineOptions options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Splits the `batched` inputs along dim 0 into micro-batches (like at::chunk; the others
+  // go whole to every micro-batch), runs the forward schedule and returns the last stage's
+  // outputs concatenated, on its device. With grad mode on they are differentiable.
+  Activations forward(const Activations& inputs, const std::vector<bool>& batched);
+
+  // Forward and backward of `loss(outputs, targets)` for every micro-batch under the
+  // schedule. Returns the loss (detached): the micro-batch losses weighted by their share of
+  // the batch (or summed when `sum_reduction`); parameter gradients are those of that value.
+  at::Tensor train_step(const Activations& inputs, const std::vector<bool>& batched,
+                        const Activations& targets, const LossFn& loss, bool sum_reduction);
+
+  // The backward schedule for a step made by `forward`; called by its autograd node.
+  std::vector<at::Tensor> backward(Step& step, const std::vector<at::Tensor>& grads);
+
+  // Joins the workers; later calls fail. Also done by the destructor.
+  void shutdown();
+
+  Executor& executor() { return *executor_; }
+  int stages() const { return placement_.stages(); }
+  int workers() const { return placement_.workers; }
+  const EngineOptions& options() const { return options_; }
+
+ private:
+  Engine(std::vector<StageFn> stages, EngineOptions options);
+
+  std::shared_ptr<Step> make_step(const Activations& inputs, const std::vector<bool>& batched);
+  // Orders every stage's stream after the calling thread's stream on the stage's device, or
+  // the other way round, without blocking the host: stages must not read what the caller is
+  // still writing (optimizer.step()), nor the caller what the stages wrote (gradients,
+  // running statistics); with stages on several GPUs the inputs and outputs alone do not
+  // order every device.
+  void stages_wait_for_caller();
+  void caller_waits_for_stages();
+  // The schedule for a micro-batch count (one phase, or both), made once and kept: the
+  // interleaved one is searched for by simulation.
+  const Schedule& schedule_for(int micro_batches, std::optional<Phase> phase);
+
+  EngineOptions options_;
+  Placement placement_;
+  std::vector<std::optional<c10::Stream>> streams_;  // per stage (none on the CPU)
+  LocalTransport transport_;
+  std::vector<StageWorker> stage_workers_;
+  std::unique_ptr<Executor> executor_;
+  // Calls hold it shared and `shutdown` exclusively, so workers never go away under a
+  // running step; `closed_` is read and written under it.
+  std::shared_mutex lifecycle_;
+  bool closed_ = false;
+  std::mutex schedules_mutex_;
+  std::map<std::pair<int, int>, Schedule> schedules_;
+};
+
+}  // namespace shardpipe

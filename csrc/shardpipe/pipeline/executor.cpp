@@ -1,0 +1,251 @@
+#include "shardpipe/pipeline/executor.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <stdexcept>
+
+namespace shardpipe {
+namespace {
+
+// kAuto's thresholds on the mean task time. Handing a task to another thread and waking it
+// costs about 10-20 us on a 2-core VM (benchmarks/pipeline_bench.py measures it); below that
+// a second thread cannot win back what the hand-offs cost. The gap between the two keeps a
+// pipeline near the line from switching on every step.
+constexpr double kCallerBelowUs = 20.0;
+constexpr double kWorkersAboveUs = 40.0;
+
+ErrorAnnotator& annotator_hook() {
+  static ErrorAnnotator hook;
+  return hook;
+}
+
+std::exception_ptr annotate(std::exception_ptr error, const std::string& where) {
+  if (const auto& hook = annotator_hook()) {
+    if (auto annotated = hook(error, where)) return annotated;
+  }
+  try {
+    std::rethrow_exception(error);
+  } catch (c10::Error& e) {
+    e.add_context("shardpipe: raised in " + where);
+    return std::current_exception();
+  } catch (...) {
+    return error;
+  }
+}
+
+std::string describe(const Task& t) {
+  return "stage " + std::to_string(t.stage) + ", micro-batch " + std::to_string(t.micro_batch) +
+         (t.phase == Phase::kForward ? " (forward)" : " (backward)");
+}
+
+// The step as the dependency rule sees it: a task's own forward is done when the step says
+// so; what comes from another stage has arrived when the transport says so. On the last
+// stage of a train_step the gradient comes from the loss, which the task computes itself.
+struct Arrivals {
+  Step& step;
+  Transport& transport;
+  bool has_input(int s, int i) const { return transport.arrived(step, {s, i, Phase::kForward}); }
+  bool forward_done(int s, int i) const { return step.at(s, i).forward_done; }
+  bool has_grad(int s, int i) const {
+    return (step.fused && s == step.stages - 1) ||
+           transport.arrived(step, {s, i, Phase::kBackward});
+  }
+};
+
+}  // namespace
+
+Threads parse_threads(const std::string& name) {
+  if (name == "auto") return Threads::kAuto;
+  if (name == "workers") return Threads::kWorkers;
+  if (name == "caller") return Threads::kCaller;
+  throw std::invalid_argument("threads must be 'auto', 'workers' or 'caller', got '" + name + "'");
+}
+
+std::string threads_name(Threads threads) {
+  switch (threads) {
+    case Threads::kWorkers:
+      return "workers";
+    case Threads::kCaller:
+      return "caller";
+    case Threads::kAuto:
+      return "auto";
+  }
+  return "?";
+}
+
+void Executor::set_error_annotator(ErrorAnnotator a) { annotator_hook() = std::move(a); }
+
+Executor::Executor(const Placement& placement, Transport& transport,
+                   std::vector<StageWorker>& stages)
+    : placement_(placement), transport_(transport), stages_(stages) {
+  for (int w = 0; w < placement_.workers; ++w) {
+    workers_.push_back(std::make_unique<WorkerThread>("shardpipe_w" + std::to_string(w)));
+  }
+  epoch_ = std::chrono::steady_clock::now();
+}
+
+Executor::~Executor() { stop(); }
+
+void Executor::stop() { workers_.clear(); }
+
+bool Executor::is_worker_thread() const {
+  for (const auto& w : workers_) {
+    if (w->is_current_thread()) return true;
+  }
+  return false;
+}
+
+void Executor::set_threads(Threads threads) {
+  std::lock_guard<std::mutex> lock(mode_mutex_);
+  threads_ = threads;
+}
+
+Threads Executor::threads() const {
+  std::lock_guard<std::mutex> lock(mode_mutex_);
+  return threads_;
+}
+
+Threads Executor::last_threads() const {
+  std::lock_guard<std::mutex> lock(mode_mutex_);
+  return last_;
+}
+
+bool Executor::use_caller_thread() {
+  std::lock_guard<std::mutex> lock(mode_mutex_);
+  bool caller = threads_ == Threads::kCaller;
+  if (threads_ == Threads::kAuto) {
+    // The first phase runs on the caller: alone on its thread, a task's time is its own (on
+    // the workers it also holds the time spent waiting for the GIL or a core).
+    const bool was_caller = mean_task_us_ < 0 || last_ == Threads::kCaller;
+    caller = mean_task_us_ < 0 || mean_task_us_ < (was_caller ? kWorkersAboveUs : kCallerBelowUs);
+  }
+  last_ = caller ? Threads::kCaller : Threads::kWorkers;
+  return caller;
+}
+
+void Executor::set_tracing(bool on) {
+  std::lock_guard<std::mutex> lock(trace_mutex_);
+  tracing_ = on;
+}
+
+std::vector<TraceEvent> Executor::take_trace() {
+  std::lock_guard<std::mutex> lock(trace_mutex_);
+  return std::exchange(trace_, {});
+}
+
+void Executor::execute(Step& step, const Schedule& schedule,
+                       std::optional<at::Device> inline_device) {
+  const bool caller = use_caller_thread();
+  std::vector<const std::vector<Task>*> inline_lists, all_lists;
+  std::vector<int> posted;
+  for (int w = 0; w < schedule.workers; ++w) {
+    if (schedule.per_worker[w].empty()) continue;
+    all_lists.push_back(&schedule.per_worker[w]);
+    if (caller || (inline_device && placement_.device_of_worker(w) == *inline_device)) {
+      inline_lists.push_back(&schedule.per_worker[w]);
+    } else {
+      posted.push_back(w);
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(step.mutex);
+    step.pending = static_cast<int>(posted.size());
+    step.cancelled = false;
+    step.error = nullptr;
+  }
+  std::unique_lock<std::shared_mutex> alone(phases_, std::defer_lock);
+  std::shared_lock<std::shared_mutex> shared(phases_, std::defer_lock);
+  if (caller) {
+    alone.lock();
+  } else {
+    shared.lock();
+  }
+  PhaseTimes times;
+  transport_.begin(step, all_lists);
+  {
+    std::lock_guard<std::mutex> posting(post_mutex_);
+    for (int w : posted) {
+      const auto* list = &schedule.per_worker[w];
+      workers_[w]->post([this, &step, &times, list] {
+        run_lists(step, {list}, times);
+        // Notify under the lock: once `pending` reaches 0 the caller may free the step.
+        std::lock_guard<std::mutex> lock(step.mutex);
+        --step.pending;
+        step.notify_locked();
+      });
+    }
+  }
+  if (!inline_lists.empty()) run_lists(step, inline_lists, times);
+  std::unique_lock<std::mutex> lock(step.mutex);
+  step.changed.wait(lock, [&] { return step.pending == 0; });
+  lock.unlock();
+  transport_.finish(step);
+  if (times.tasks > 0) {
+    const double mean = static_cast<double>(times.nanoseconds) / times.tasks / 1000.0;
+    std::lock_guard<std::mutex> mode(mode_mutex_);
+    mean_task_us_ = mean_task_us_ < 0 ? mean : 0.5 * mean_task_us_ + 0.5 * mean;
+  }
+  lock.lock();
+  if (step.error) {
+    auto error = annotate(std::exchange(step.error, nullptr), step.where);
+    lock.unlock();
+    std::rethrow_exception(error);
+  }
+}
+
+void Executor::run_lists(Step& step, const std::vector<const std::vector<Task>*>& lists,
+                         PhaseTimes& times) {
+  std::optional<at::ThreadLocalStateGuard> tls_guard;
+  if (std::this_thread::get_id() != step.tls_thread) {
+    tls_guard.emplace(step.tls);
+    // OpenMP's thread count is per thread: take the process-wide torch.set_num_threads value
+    // now, not the default this worker was born with.
+    at::init_num_threads();
+  }
+  std::vector<size_t> next(lists.size(), 0);
+  const Arrivals arrivals{step, transport_};
+  for (;;) {
+    const Task* task = nullptr;
+    {
+      std::unique_lock<std::mutex> lock(step.mutex);
+      for (;;) {
+        if (step.cancelled) return;
+        bool finished = true;
+        for (size_t k = 0; k < lists.size() && !task; ++k) {
+          if (next[k] >= lists[k]->size()) continue;
+          finished = false;
+          if (may_start((*lists[k])[next[k]], arrivals)) task = &(*lists[k])[next[k]++];
+        }
+        if (task || finished) break;
+        step.wait_for_change(lock);
+      }
+    }
+    if (!task) return;
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      stages_[task->stage].run(step, *task);
+    } catch (...) {
+      step.fail(std::current_exception(), describe(*task));
+      return;
+    }
+    const auto end = std::chrono::steady_clock::now();
+    times.tasks++;
+    times.nanoseconds += std::chrono::duration_cast<std::chrono::nanoseconds>(end - start).count();
+    if (tracing_) {
+      auto us = [this](auto t) {
+        return std::chrono::duration<double, std::micro>(t - epoch_).count();
+      };
+      std::lock_guard<std::mutex> lock(trace_mutex_);
+      trace_.push_back({task->stage, task->micro_batch, task->phase,
+                        placement_.worker_of(task->stage), us(start), us(end)});
+    }
+    std::lock_guard<std::mutex> lock(step.mutex);
+    if (task->phase == Phase::kForward) step.at(task->stage, task->micro_batch).forward_done = true;
+    step.notify_locked();
+  }
+}
+
+}  // namespace shardpipe

@@ -1,0 +1,160 @@
+#include "shardpipe/pipeline/stage_worker.h"
+
+#include <c10/core/DeviceGuard.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include "shardpipe/pipeline/autograd.h"
+#include "shardpipe/pipeline/stage_stream.h"
+
+namespace shardpipe {
+namespace {
+
+bool differentiable(const at::Tensor& t) {
+  return t.defined() && (t.is_floating_point() || t.is_complex());
+}
+
+Activations detached(const Activations& xs) {
+  Activations out;
+  out.reserve(xs.size());
+  for (const auto& t : xs) out.push_back(t.defined() && t.requires_grad() ? t.detach() : t);
+  return out;
+}
+
+}  // namespace
+
+void StageWorker::run(Step& step, const Task& task) {
+  c10::OptionalDeviceGuard device_guard;
+  if (!device_.is_cpu()) device_guard.reset_device(device_);
+  StreamsGuard stream_guard({stream_});
+  GeneratorLocksInherited serving(step.generators_held_by_caller);
+  if (task.phase == Phase::kForward) {
+    forward(step, task.micro_batch);
+  } else {
+    backward(step, task.micro_batch);
+  }
+}
+
+Activations StageWorker::call(Step& step, int i, const Activations& input,
+                              const std::vector<bool>& input_has_grad) {
+  std::vector<NodePtr> sinks(input.size());
+  Activations stage_input;
+  stage_input.reserve(input.size());
+  for (size_t k = 0; k < input.size(); ++k) {
+    // Inputs of the first stage need a gradient only where the caller's do; later stages'
+    // where the previous stage's output needed one (a frozen stage's output does not).
+    const bool upstream =
+        stage_ == 0 ? step.input_requires_grad[k] : k < input_has_grad.size() && input_has_grad[k];
+    const bool wanted =
+        step.grad_enabled && at::GradMode::is_enabled() && differentiable(input[k]) && upstream;
+    // A sink goes on a fresh alias (the input may be the caller's own tensor); an input with
+    // history is cut from it.
+    at::Tensor x =
+        wanted || (input[k].defined() && input[k].requires_grad()) ? input[k].detach() : input[k];
+    if (wanted) sinks[k] = attach_gradient_sink(x);
+    stage_input.push_back(std::move(x));
+  }
+  Activations out = fn_(stage_input);
+  if (step.fused && last_) {
+    at::Tensor loss = (*step.loss)(out, step.targets[i]);
+    TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1,
+                      "shardpipe: loss_fn must return a scalar tensor, got shape ", loss.sizes());
+    out = {loss.reshape({}) * step.weights[i]};
+  }
+  step.at(stage_, i).sinks = std::move(sinks);
+  return out;
+}
+
+void StageWorker::forward(Step& step, int i) {
+  Slot& slot = step.at(stage_, i);
+  std::vector<bool> input_has_grad;
+  Activations input = transport_.take_input(step, stage_, i, &input_has_grad);
+  const bool checkpointed =
+      step.grad_enabled && is_checkpointed(checkpoint_, i, step.micro_batches);
+  Activations out;
+  {
+    GeneratorLock generator;
+    if (step.grad_enabled && checkpoint_ != CheckpointMode::kNever) {
+      generator = GeneratorLock(device_, step.generators_held_by_caller, step.own_generator);
+    }
+    if (checkpointed) {
+      slot.rng = RngState::capture(device_);
+      // The recomputation needs the input as it was: a first layer working in place would
+      // otherwise hand it a modified one.
+      slot.input.clear();
+      for (const auto& t : input) slot.input.push_back(t.defined() ? t.clone() : t);
+      slot.input_has_grad = input_has_grad;
+    }
+    at::AutoGradMode grad_mode(step.grad_enabled && !checkpointed);
+    out = call(step, i, input, input_has_grad);
+  }
+  slot.checkpointed = step.grad_enabled && checkpointed;
+  if (!step.grad_enabled || checkpointed) {
+    slot.sinks.clear();
+  } else {
+    slot.output = out;
+  }
+  if (last_) {
+    Activations outputs = detached(out);
+    if (step.fused) step.losses[i] = outputs[0];
+    step.outputs[i] = std::move(outputs);
+    return;
+  }
+  // A checkpointed forward ran without a graph: whether its output needs a gradient is
+  // known only when it is recomputed, so the next stage assumes it does.
+  std::vector<bool> needs_grad;
+  needs_grad.reserve(out.size());
+  for (const auto& t : out)
+    needs_grad.push_back(checkpointed || (t.defined() && t.requires_grad()));
+  transport_.send_activations(step, stage_, i, out, std::move(needs_grad));
+}
+
+void StageWorker::backward(Step& step, int i) {
+  Slot& slot = step.at(stage_, i);
+  Activations outputs;
+  if (slot.checkpointed) {
+    GeneratorLock generator(device_, step.generators_held_by_caller, step.own_generator);
+    RecomputeGuard recomputing;
+    RngFork replay(slot.rng);
+    at::AutoGradMode grad_mode(true);
+    outputs = call(step, i, slot.input, slot.input_has_grad);
+  } else {
+    outputs = std::move(slot.output);
+  }
+  std::vector<at::Tensor> roots, grads;
+  if (step.fused && last_) {
+    // As loss.backward() would: a loss without a graph leaves every gradient unset.
+    TORCH_CHECK(outputs[0].requires_grad(), "shardpipe: the loss of micro-batch ", i,
+                " does not require grad (loss_fn ",
+                "returned a detached loss, or nothing before it requires grad)");
+    roots.push_back(outputs[0]);
+    grads.push_back(at::ones_like(outputs[0]));
+  } else {
+    Activations grad = transport_.take_gradient(step, stage_, i);
+    for (size_t k = 0; k < outputs.size() && k < grad.size(); ++k) {
+      if (outputs[k].defined() && outputs[k].requires_grad() && grad[k].defined()) {
+        roots.push_back(outputs[k]);
+        grads.push_back(grad[k]);
+      }
+    }
+  }
+  if (!roots.empty()) torch::autograd::backward(roots, grads);
+  Activations input_grads(slot.sinks.size());
+  for (size_t k = 0; k < slot.sinks.size(); ++k) {
+    if (slot.sinks[k]) input_grads[k] = take_sink_gradient(slot.sinks[k]);
+  }
+  slot.sinks.clear();
+  slot.input.clear();
+  slot.input_has_grad.clear();
+  slot.rng = RngState();
+  roots.clear();
+  grads.clear();
+  outputs.clear();
+  if (stage_ > 0) {
+    transport_.send_gradients(step, stage_, i, input_grads);
+  } else {
+    step.input_grads[i] = std::move(input_grads);
+  }
+}
+
+}  // namespace shardpipe

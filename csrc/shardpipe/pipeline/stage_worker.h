@@ -1,0 +1,54 @@
+#pragma once
+
+#include <c10/core/Stream.h>
+
+#include <optional>
+
+#include "shardpipe/pipeline/checkpoint.h"
+#include "shardpipe/pipeline/schedule.h"
+#include "shardpipe/pipeline/step.h"
+#include "shardpipe/pipeline/transport.h"
+
+namespace shardpipe {
+
+// Runs the tasks of one stage: takes what a task consumes from the transport, calls the stage
+// (on its device, with its stream current, replaying the random state when it recomputes a
+// checkpointed forward), runs autograd from the stage's outputs into its parameters and
+// inputs, and hands what the task made to the transport. Which thread calls it, and when, is
+// the executor's business.
+class StageWorker {
+ public:
+  StageWorker(int stage, int stages, StageFn fn, at::Device device,
+              std::optional<c10::Stream> stream, CheckpointMode checkpoint, Transport& transport)
+      : stage_(stage),
+        last_(stage == stages - 1),
+        fn_(std::move(fn)),
+        device_(device),
+        stream_(stream),
+        checkpoint_(checkpoint),
+        transport_(transport) {}
+
+  // Runs `task` (of this stage) for `step`; throws what the stage threw.
+  void run(Step& step, const Task& task);
+
+  at::Device device() const { return device_; }
+  const std::optional<c10::Stream>& stream() const { return stream_; }
+
+ private:
+  void forward(Step& step, int i);
+  void backward(Step& step, int i);
+  // Calls the stage on `input`, each input that wants a gradient behind a sink (kept in the
+  // slot); on the last stage of a train_step, returns the weighted loss instead.
+  Activations call(Step& step, int i, const Activations& input,
+                   const std::vector<bool>& input_has_grad);
+
+  int stage_;
+  bool last_;
+  StageFn fn_;
+  at::Device device_;
+  std::optional<c10::Stream> stream_;
+  CheckpointMode checkpoint_;
+  Transport& transport_;
+};
+
+}  // namespace shardpipe

@@ -1,0 +1,123 @@
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/csrc/autograd/function.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "shardpipe/pipeline/checkpoint.h"
+
+namespace shardpipe {
+
+// What flows between stages: the tensors of one micro-batch (one, or a tuple's worth).
+using Activations = std::vector<at::Tensor>;
+// A stage: a callable over tensors (a torch::nn module, or a Python module through the
+// bindings). It runs on its worker's thread, with the stage's stream current.
+using StageFn = std::function<Activations(const Activations&)>;
+// Loss of one micro-batch from the last stage's outputs and that micro-batch's targets.
+using LossFn = std::function<at::Tensor(const Activations& outputs, const Activations& targets)>;
+
+// Older PyTorch releases hold autograd nodes by std::shared_ptr, newer ones by
+// c10::intrusive_ptr; the edge type says which this build has.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+// What one (stage, micro-batch) keeps between its forward and its backward. Its `input` and
+// `grad` are also the mailbox a transport delivers into.
+struct Slot {
+  Activations input;                 // on the stage's device, detached from the producer's graph
+  std::vector<bool> input_has_grad;  // per input: its producer's output needed a gradient
+  std::vector<NodePtr> sinks;        // per input: collects its gradient (null: none wanted)
+  Activations output;                // with the stage's graph, unless the forward was checkpointed
+  Activations grad;                  // gradient of `output`, sent by the next stage (or the caller)
+  RngState rng;                      // for recomputation
+  bool checkpointed = false;
+  bool has_input = false;
+  bool forward_done = false;
+  bool has_grad = false;
+};
+
+// One mini-batch on its way through the pipeline. Shared by the caller, the executor's
+// threads, the transport and (for `forward` with grad) the autograd node that later runs the
+// backward schedule.
+struct Step {
+  int stages = 0;
+  int micro_batches = 0;
+  int64_t batch = 0;
+  std::vector<int64_t> sizes;  // of the micro-batches
+  std::vector<Slot> slots;
+  Slot& at(int s, int i) { return slots[static_cast<size_t>(s) * micro_batches + i]; }
+
+  bool grad_enabled = false;
+  // Generator locks the caller's thread holds; the workers then serialise on `own_generator`.
+  std::vector<std::mutex*> generators_held_by_caller;
+  std::mutex own_generator;
+  std::vector<bool> batched;
+  std::vector<bool> input_requires_grad;
+  std::vector<at::Device> input_devices;
+  std::vector<Activations> outputs;      // last stage, per micro-batch, detached
+  std::vector<Activations> input_grads;  // first stage, per micro-batch
+
+  // train_step only
+  bool fused = false;
+  const LossFn* loss = nullptr;
+  std::vector<Activations> targets;  // per micro-batch, on the last stage's device
+  std::vector<double> weights;
+  std::vector<at::Tensor> losses;
+  bool backward_ran = false;
+
+  // Grad mode, autocast, ... of the thread that started the phase, which has them already.
+  at::ThreadLocalState tls;
+  std::thread::id tls_thread = std::this_thread::get_id();
+
+  // --- synchronisation -------------------------------------------------------------------
+  std::mutex mutex;
+  std::condition_variable changed;
+  // Bumped (under `mutex`) at every change a waiting thread may care about; lets a waiter
+  // spin briefly for its next task before paying for a sleep and a wake-up.
+  std::atomic<uint64_t> generation{0};
+  int pending = 0;  // executor threads still running the phase
+  bool cancelled = false;
+  std::exception_ptr error;
+  std::string where;
+
+  // Wakes every thread waiting on the step; `mutex` must be held.
+  void notify_locked() {
+    generation++;
+    changed.notify_all();
+  }
+  // Records the first error (and where it happened) and cancels the step: every thread
+  // waiting on it wakes and stops. A transport whose peer failed calls it too.
+  void fail(std::exception_ptr e, std::string place) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!error) {
+      error = std::move(e);
+      where = std::move(place);
+    }
+    cancelled = true;
+    notify_locked();
+  }
+  // Waits, `lock` holding `mutex`, until the step changes. Hand-offs between stages are
+  // frequent and a thread's sleep and wake-up cost tens of microseconds, so it first spins
+  // (lock released) for a few.
+  void wait_for_change(std::unique_lock<std::mutex>& lock) {
+    const uint64_t seen = generation.load();
+    lock.unlock();
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+    while (generation.load() == seen && std::chrono::steady_clock::now() < until) {
+      std::this_thread::yield();
+    }
+    lock.lock();
+    changed.wait(lock, [&] { return generation.load() != seen; });
+  }
+};
+
+}  // namespace shardpipe

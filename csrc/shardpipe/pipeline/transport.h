@@ -1,0 +1,47 @@
+#pragma once
+
+#include <vector>
+
+#include "shardpipe/pipeline/schedule.h"
+#include "shardpipe/pipeline/step.h"
+
+namespace shardpipe {
+
+// How what a finished task made reaches the task that consumes it: a forward's outputs go to
+// the next stage's forward, a backward's input gradients to the previous stage's backward.
+// The executor never reads another stage's slot itself; it asks the transport whether what a
+// task consumes has arrived, and the stage worker takes it from the transport.
+//
+// `LocalTransport` serves the stages of one process. A transport whose peers are other
+// processes fits the same calls: `begin` posts, ahead of the tasks and in their order, the
+// receives this process's task lists will need; an arrival (or a failed peer) changes the
+// step, which wakes the executor (Step::notify_locked / Step::fail); `finish` waits for sends
+// still in flight.
+class Transport {
+ public:
+  virtual ~Transport() = default;
+
+  // Before a phase's tasks run here: `lists` are the task lists this process will run.
+  virtual void begin(Step& step, const std::vector<const std::vector<Task>*>& lists) {}
+
+  // F(stage, i) finished: `outputs` go to stage + 1. `needs_grad[k]`: whether output k will
+  // want a gradient back (the consumer then collects one for it).
+  virtual void send_activations(Step& step, int stage, int i, const Activations& outputs,
+                                std::vector<bool> needs_grad) = 0;
+  // B(stage, i) finished: the gradients of its inputs go to stage - 1.
+  virtual void send_gradients(Step& step, int stage, int i, const Activations& grads) = 0;
+
+  // Whether what `task` consumes from another stage (a forward's input, a backward's output
+  // gradient) has arrived; called with step.mutex held.
+  virtual bool arrived(Step& step, const Task& task) = 0;
+  // The input of forward `task` (and, per input, whether its producer wants a gradient), once
+  // arrived; moved out of the transport.
+  virtual Activations take_input(Step& step, int stage, int i, std::vector<bool>* needs_grad) = 0;
+  // The gradient of the outputs of backward `task`, once arrived; moved out.
+  virtual Activations take_gradient(Step& step, int stage, int i) = 0;
+
+  // After the phase ran here (also when it failed): nothing may be left in flight.
+  virtual void finish(Step& step) {}
+};
+
+}  // namespace shardpipe
