@@ -46,18 +46,48 @@ def tutorial_loop(stages, devices, x, chunks):
     return torch.cat(outputs)
 
 
-def overhead(device, stages, chunks, repeats):
-    """Per-task cost (µs) of trivial stages: shardpipe vs the Python loop."""
+def overhead(device, stages, chunks, repeats, threads="auto"):
+    """Per-task cost (µs) of trivial stages: shardpipe vs the Python loop, and which threads
+    the executor ran them on."""
     model = nn.Sequential(*[nn.Identity() for _ in range(stages)])
     devices = [device] * stages
     pipe = sp.Pipeline(model, devices, chunks=chunks, balance=[1] * stages)
+    pipe._engine.threads = threads
     x = torch.randn(chunks, 4, device=device)
     tasks = stages * chunks
     with torch.no_grad():
         ours, _ = timed(lambda: pipe(x), repeats)
         loop, _ = timed(lambda: tutorial_loop(pipe.stages, devices, x, chunks), repeats)
+    used = pipe._engine.last_threads
     pipe.close()
-    return ours / tasks * 1e6, loop / tasks * 1e6
+    return ours / tasks * 1e6, loop / tasks * 1e6, used
+
+
+def cost_breakdown(stages, chunks, repeats):
+    """Where a task's microseconds go, each part measured on its own (µs per task):
+    C++ identity stages run by the engine alone, on the caller's thread and on the workers
+    (forward only, and forward + backward), and Python identity stages on each."""
+    rows = {}
+    for threads in ("caller", "workers"):
+        rows[threads] = dict(
+            engine=sp._C._engine_overhead(stages, chunks, threads, repeats, False),
+            autograd=sp._C._engine_overhead(stages, chunks, threads, repeats, True),
+            python=overhead("cpu", stages, chunks, repeats, threads)[0],
+        )
+    caller, workers = rows["caller"], rows["workers"]
+    return [
+        ("engine bookkeeping (C++ stages, caller thread)", caller["engine"]),
+        ("+ hand-off between threads (C++ stages: workers - caller)",
+         workers["engine"] - caller["engine"]),
+        ("+ GIL and the Python call (Python stages - C++ stages, caller)",
+         caller["python"] - caller["engine"]),
+        ("+ GIL and the Python call on the workers (Python - C++, workers)",
+         workers["python"] - workers["engine"]),
+        ("autograd bookkeeping, forward + backward (C++ stages, caller)",
+         caller["autograd"]),
+        ("total, Python stages on the caller's thread", caller["python"]),
+        ("total, Python stages on the workers", workers["python"]),
+    ]
 
 
 def block(width, depth):
@@ -236,12 +266,15 @@ def main():
 
     rows = []
     for stages, chunks in ([(2, 4)] if args.quick else [(2, 8), (4, 8), (4, 32)]):
-        ours, loop = overhead("cpu", stages, chunks, repeats)
-        rows.append((f"per-task cost, {stages} cpu stages x {chunks} mb (us)", ours, loop,
+        ours, loop, used = overhead("cpu", stages, chunks, repeats)
+        rows.append((f"per-task cost, {stages} cpu stages x {chunks} mb (us, {used})", ours, loop,
                      loop / ours))
     if torch.cuda.is_available():
-        ours, loop = overhead("cuda:0", 2, 8, repeats)
-        rows.append(("per-task cost, 2 stages on cuda:0 x 8 mb (us)", ours, loop, loop / ours))
+        for threads in ("auto", "workers"):
+            ours, loop, used = overhead("cuda:0", 2, 8, repeats, threads)
+            rows.append((f"per-task cost, 2 stages on cuda:0 x 8 mb (us, {used})", ours, loop,
+                         loop / ours))
+    breakdown = cost_breakdown(2, 4 if args.quick else 8, repeats)
 
     if torch.cuda.is_available() and not args.quick:
         results = resnet50_on_one_gpu(batch=64, chunks=4, repeats=repeats)
@@ -270,12 +303,18 @@ def main():
                              machine_ideal(ceiling, chunks)))
     rows += [(name, ours, base, ours / base) for name, ours, base in speedup_rows]
 
-    print(f"{'measure':<52} {'shardpipe':>10} {'baseline':>10} {'ratio':>7}")
+    print(f"{'measure':<58} {'shardpipe':>10} {'baseline':>10} {'ratio':>7}")
     for name, ours, base, ratio in rows:
-        print(f"{name:<52} {ours:>10.2f} {base:>10.2f} {ratio:>7.2f}")
+        print(f"{name:<58} {ours:>10.2f} {base:>10.2f} {ratio:>7.2f}")
+    print()
+    print(f"{'where a task of 2 cpu stages goes (us per task)':<66} {'us':>8}")
+    for name, us in breakdown:
+        print(f"{name:<66} {us:>8.2f}")
+    print()
     print("resnet50 rows: baseline = the plain model on the same GPU; ratio = throughput share"
           " (memory: peak share)")
-    print("per-task rows: baseline = hand-written Python micro-batch loop; ratio = loop/shardpipe")
+    print("per-task rows: baseline = hand-written Python micro-batch loop; ratio = loop/shardpipe;"
+          " (caller) or (workers): the threads the executor chose ('auto')")
     print(f"speed-up rows: baseline = ideal p*m/(m+p-1) = {ideal:.2f}; ratio = share of ideal")
     print("ceiling rows: each stage on its own thread over all micro-batches, no dependencies,"
           " against the micro-batches one by one; the ideal at that ceiling is"

@@ -4,18 +4,16 @@
 #include <ATen/ThreadLocalState.h>
 #include <c10/util/Exception.h>
 
-#include <atomic>
+#include <algorithm>
 #include <stdexcept>
 
 namespace shardpipe {
 namespace {
 
-// kAuto's thresholds on the mean task time. Handing a task to another thread and waking it
-// costs about 10-20 us on a 2-core VM (benchmarks/pipeline_bench.py measures it); below that
-// a second thread cannot win back what the hand-offs cost. The gap between the two keeps a
-// pipeline near the line from switching on every step.
-constexpr double kCallerBelowUs = 20.0;
-constexpr double kWorkersAboveUs = 40.0;
+// kAuto: the first runs of a phase alternate between the caller's thread and the workers;
+// afterwards the faster runs, and every kRetryEvery runs the other is tried once more.
+constexpr int64_t kTrials = 4;
+constexpr int64_t kRetryEvery = 64;
 
 ErrorAnnotator& annotator_hook() {
   static ErrorAnnotator hook;
@@ -113,17 +111,19 @@ Threads Executor::last_threads() const {
   return last_;
 }
 
-bool Executor::use_caller_thread() {
-  std::lock_guard<std::mutex> lock(mode_mutex_);
-  bool caller = threads_ == Threads::kCaller;
-  if (threads_ == Threads::kAuto) {
-    // The first phase runs on the caller: alone on its thread, a task's time is its own (on
-    // the workers it also holds the time spent waiting for the GIL or a core).
-    const bool was_caller = mean_task_us_ < 0 || last_ == Threads::kCaller;
-    caller = mean_task_us_ < 0 || mean_task_us_ < (was_caller ? kWorkersAboveUs : kCallerBelowUs);
+bool Executor::use_caller_thread(const Timings& timings) {
+  switch (threads_) {
+    case Threads::kCaller:
+      return true;
+    case Threads::kWorkers:
+      return false;
+    case Threads::kAuto:
+      break;
   }
-  last_ = caller ? Threads::kCaller : Threads::kWorkers;
-  return caller;
+  if (timings.runs < kTrials) return timings.runs % 2 == 0;
+  const bool caller_wins = timings.caller_us <= timings.workers_us;
+  const bool retry = timings.runs % kRetryEvery == 0;
+  return caller_wins != retry;
 }
 
 void Executor::set_tracing(bool on) {
@@ -138,7 +138,13 @@ std::vector<TraceEvent> Executor::take_trace() {
 
 void Executor::execute(Step& step, const Schedule& schedule,
                        std::optional<at::Device> inline_device) {
-  const bool caller = use_caller_thread();
+  const std::pair<const Schedule*, bool> kind{&schedule, step.grad_enabled};
+  bool caller;
+  {
+    std::lock_guard<std::mutex> lock(mode_mutex_);
+    caller = use_caller_thread(timings_[kind]);
+    last_ = caller ? Threads::kCaller : Threads::kWorkers;
+  }
   std::vector<const std::vector<Task>*> inline_lists, all_lists;
   std::vector<int> posted;
   for (int w = 0; w < schedule.workers; ++w) {
@@ -163,14 +169,14 @@ void Executor::execute(Step& step, const Schedule& schedule,
   } else {
     shared.lock();
   }
-  PhaseTimes times;
+  const auto started = std::chrono::steady_clock::now();
   transport_.begin(step, all_lists);
   {
     std::lock_guard<std::mutex> posting(post_mutex_);
     for (int w : posted) {
       const auto* list = &schedule.per_worker[w];
-      workers_[w]->post([this, &step, &times, list] {
-        run_lists(step, {list}, times);
+      workers_[w]->post([this, &step, list] {
+        run_lists(step, {list});
         // Notify under the lock: once `pending` reaches 0 the caller may free the step.
         std::lock_guard<std::mutex> lock(step.mutex);
         --step.pending;
@@ -178,26 +184,33 @@ void Executor::execute(Step& step, const Schedule& schedule,
       });
     }
   }
-  if (!inline_lists.empty()) run_lists(step, inline_lists, times);
+  if (!inline_lists.empty()) run_lists(step, inline_lists);
   std::unique_lock<std::mutex> lock(step.mutex);
   step.changed.wait(lock, [&] { return step.pending == 0; });
   lock.unlock();
   transport_.finish(step);
-  if (times.tasks > 0) {
-    const double mean = static_cast<double>(times.nanoseconds) / times.tasks / 1000.0;
-    std::lock_guard<std::mutex> mode(mode_mutex_);
-    mean_task_us_ = mean_task_us_ < 0 ? mean : 0.5 * mean_task_us_ + 0.5 * mean;
-  }
   lock.lock();
   if (step.error) {
     auto error = annotate(std::exchange(step.error, nullptr), step.where);
     lock.unlock();
     std::rethrow_exception(error);
   }
+  lock.unlock();
+  // What the phase cost the caller, per task: the measure kAuto compares.
+  size_t tasks = 0;
+  for (const auto* list : all_lists) tasks += list->size();
+  const double us =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - started)
+          .count() /
+      static_cast<double>(std::max<size_t>(tasks, 1));
+  std::lock_guard<std::mutex> mode(mode_mutex_);
+  Timings& t = timings_[kind];
+  double& mean = caller ? t.caller_us : t.workers_us;
+  mean = mean < 0 ? us : 0.5 * mean + 0.5 * us;
+  t.runs++;
 }
 
-void Executor::run_lists(Step& step, const std::vector<const std::vector<Task>*>& lists,
-                         PhaseTimes& times) {
+void Executor::run_lists(Step& step, const std::vector<const std::vector<Task>*>& lists) {
   std::optional<at::ThreadLocalStateGuard> tls_guard;
   if (std::this_thread::get_id() != step.tls_thread) {
     tls_guard.emplace(step.tls);
@@ -224,17 +237,16 @@ void Executor::run_lists(Step& step, const std::vector<const std::vector<Task>*>
       }
     }
     if (!task) return;
-    const auto start = std::chrono::steady_clock::now();
+    const auto start =
+        tracing_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
     try {
       stages_[task->stage].run(step, *task);
     } catch (...) {
       step.fail(std::current_exception(), describe(*task));
       return;
     }
-    const auto end = std::chrono::steady_clock::now();
-    times.tasks++;
-    times.nanoseconds += std::chrono::duration_cast<std::chrono::nanoseconds>(end - start).count();
     if (tracing_) {
+      const auto end = std::chrono::steady_clock::now();
       auto us = [this](auto t) {
         return std::chrono::duration<double, std::micro>(t - epoch_).count();
       };

@@ -1,9 +1,9 @@
 #pragma once
 
-#include <atomic>
 #include <chrono>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -39,8 +39,8 @@ struct TraceEvent {
 enum class Threads {
   kWorkers,  // one thread per worker slot: CPU stages compute at the same time
   kCaller,   // the calling thread, interleaving the lists in a ready order: no hand-off costs
-  kAuto,     // the caller for the first phase, which measures the tasks; then the caller
-             // while a task costs less than a hand-off between threads, else the workers
+  kAuto,     // measured: the first runs of each phase try both, then the faster one runs
+             // (and the other is tried again now and then, in case the costs changed)
 };
 
 // Parses "auto", "workers" or "caller"; throws std::invalid_argument otherwise.
@@ -66,7 +66,7 @@ class Executor {
 
   void set_threads(Threads threads);
   Threads threads() const;
-  // What kAuto chose for the last phase (kWorkers or kCaller).
+  // Which threads ran the last phase (kWorkers or kCaller).
   Threads last_threads() const;
 
   void set_tracing(bool on);
@@ -80,13 +80,14 @@ class Executor {
   static void set_error_annotator(ErrorAnnotator annotator);
 
  private:
-  // Task times of one phase, summed over its threads (they pick kAuto's threads).
-  struct PhaseTimes {
-    std::atomic<int64_t> tasks{0};
-    std::atomic<int64_t> nanoseconds{0};
+  // What kAuto measured for one kind of phase: a schedule run with or without grad.
+  struct Timings {
+    int64_t runs = 0;
+    double caller_us = -1;  // per task, smoothed over the runs on each (negative: none yet)
+    double workers_us = -1;
   };
-  void run_lists(Step& step, const std::vector<const std::vector<Task>*>& lists, PhaseTimes& times);
-  bool use_caller_thread();
+  void run_lists(Step& step, const std::vector<const std::vector<Task>*>& lists);
+  bool use_caller_thread(const Timings& timings);
 
   const Placement& placement_;
   Transport& transport_;
@@ -101,8 +102,7 @@ class Executor {
   mutable std::mutex mode_mutex_;
   Threads threads_ = Threads::kAuto;
   Threads last_ = Threads::kWorkers;
-  // Mean host time of a task over the recent phases (microseconds; negative: none yet).
-  double mean_task_us_ = -1.0;
+  std::map<std::pair<const Schedule*, bool>, Timings> timings_;
 
   bool tracing_ = false;
   std::mutex trace_mutex_;
