@@ -101,40 +101,96 @@ void delete_ended_thread_states() {
   throw error;
 }
 
-py::object as_argument(const Activations& xs) {
-  if (xs.size() == 1) return py::cast(xs[0]);
-  return py::tuple(py::cast(xs));
+// How Python values nest around their tensors. One bare tensor has no structure and a flat
+// tuple of tensors (the common cases) stays in C++; anything else (lists, dicts, 1-tuples
+// are tuples too, values that are not tensors) keeps torch.utils._pytree's description made
+// by shardpipe._structure.
+struct FlatTuple : shardpipe::Structure {};
+struct PyTreeStructure : shardpipe::Structure {
+  explicit PyTreeStructure(py::object spec) : spec(hold(std::move(spec))) {}
+  std::shared_ptr<py::object> spec;
+};
+
+const shardpipe::StructurePtr& flat_tuple() {
+  static const shardpipe::StructurePtr instance = std::make_shared<FlatTuple>();
+  return instance;
 }
 
-Activations as_activations(const py::handle& result, const char* what) {
-  if (THPVariable_Check(result.ptr())) return {THPVariable_Unpack(result.ptr())};
-  if (py::isinstance<py::tuple>(result) || py::isinstance<py::list>(result)) {
+py::module_& structure_module() {
+  static py::module_ module = py::module_::import("shardpipe._structure");
+  return module;
+}
+
+// Needs the GIL.
+shardpipe::StructurePtr structure_of(const py::object& spec) {
+  if (spec.is_none()) return nullptr;
+  if (spec.is(py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(&PyTuple_Type)))) {
+    return flat_tuple();
+  }
+  return std::make_shared<PyTreeStructure>(spec);
+}
+
+// Needs the GIL.
+py::object to_python(const Activations& xs, const shardpipe::StructurePtr& structure) {
+  if (!structure) return xs.size() == 1 ? py::cast(xs[0]) : py::object(py::tuple(py::cast(xs)));
+  if (structure == flat_tuple()) return py::tuple(py::cast(xs));
+  const auto& spec = *static_cast<const PyTreeStructure&>(*structure).spec;
+  return structure_module().attr("unflatten")(py::cast(xs), spec);
+}
+
+// Needs the GIL.
+Activations from_python(const py::object& value, shardpipe::StructurePtr& structure) {
+  if (THPVariable_Check(value.ptr())) {
+    structure = nullptr;
+    return {THPVariable_Unpack(value.ptr())};
+  }
+  if (PyTuple_CheckExact(value.ptr()) && PyTuple_GET_SIZE(value.ptr()) > 1) {
     Activations out;
-    for (const auto& item : result) {
+    bool all = true;
+    for (const auto& item : value) {
       if (!THPVariable_Check(item.ptr())) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s must return a Tensor or a tuple of Tensors, got a %s holding a %s", what,
-                     Py_TYPE(result.ptr())->tp_name, Py_TYPE(item.ptr())->tp_name);
-        throw_python_error();
+        all = false;
+        break;
       }
       out.push_back(THPVariable_Unpack(item.ptr()));
     }
-    return out;
+    if (all) {
+      structure = flat_tuple();
+      return out;
+    }
   }
-  PyErr_Format(PyExc_TypeError, "%s must return a Tensor or a tuple of Tensors, got %s", what,
-               Py_TYPE(result.ptr())->tp_name);
-  throw_python_error();
+  py::tuple flat = structure_module().attr("flatten")(value);
+  structure = structure_of(flat[1]);
+  return flat[0].cast<Activations>();
 }
 
 shardpipe::StageFn python_stage(py::object module) {
   auto fn = hold(std::move(module));
-  return [fn](const Activations& input) -> Activations {
+  return [fn](const Activations& input, shardpipe::StructurePtr& structure) -> Activations {
     keep_thread_state();
     py::gil_scoped_acquire gil;
     clear_stale_error();
     delete_ended_thread_states();
     try {
-      return as_activations((*fn)(as_argument(input)), "a pipeline stage");
+      return from_python((*fn)(to_python(input, structure)), structure);
+    } catch (py::error_already_set& e) {
+      e.restore();
+      throw_python_error();
+    }
+  };
+}
+
+// The stage's buffers, for the recomputation of a checkpointed forward.
+shardpipe::BuffersFn python_buffers(py::object module) {
+  auto fn = hold(std::move(module));
+  return [fn]() -> std::vector<at::Tensor> {
+    keep_thread_state();
+    py::gil_scoped_acquire gil;
+    clear_stale_error();
+    try {
+      std::vector<at::Tensor> out;
+      for (const auto& b : fn->attr("buffers")()) out.push_back(THPVariable_Unpack(b.ptr()));
+      return out;
     } catch (py::error_already_set& e) {
       e.restore();
       throw_python_error();
@@ -144,12 +200,13 @@ shardpipe::StageFn python_stage(py::object module) {
 
 shardpipe::LossFn python_loss(py::object loss_fn) {
   auto fn = hold(std::move(loss_fn));
-  return [fn](const Activations& outputs, const Activations& targets) -> at::Tensor {
+  return [fn](const Activations& outputs, const shardpipe::StructurePtr& structure,
+              const Activations& targets) -> at::Tensor {
     keep_thread_state();
     py::gil_scoped_acquire gil;
     clear_stale_error();
     try {
-      py::object loss = (*fn)(as_argument(outputs), as_argument(targets));
+      py::object loss = (*fn)(to_python(outputs, structure), to_python(targets, nullptr));
       if (!THPVariable_Check(loss.ptr())) {
         PyErr_Format(PyExc_TypeError, "loss_fn must return a Tensor, got %s",
                      Py_TYPE(loss.ptr())->tp_name);
@@ -287,7 +344,7 @@ PYBIND11_MODULE(_C, m) {
       [](int stages, int64_t chunks, const std::string& threads, int repeats, bool grad) {
         return without_gil([&] {
           std::vector<shardpipe::StageFn> identity(
-              stages, [](const Activations& in) -> Activations { return in; });
+              stages, [](const Activations& in, shardpipe::StructurePtr&) { return in; });
           shardpipe::EngineOptions options;
           options.devices.assign(stages, at::kCPU);
           options.chunks = chunks;
@@ -297,8 +354,8 @@ PYBIND11_MODULE(_C, m) {
           at::AutoGradMode grad_mode(grad);
           if (grad) x.requires_grad_(true);
           auto run = [&] {
-            auto out = engine->forward({x}, {true});
-            if (grad) out[0].sum().backward();
+            auto out = engine->forward({{x}}, {true});
+            if (grad) out.tensors[0].sum().backward();
           };
           run();
           run();
@@ -322,33 +379,45 @@ PYBIND11_MODULE(_C, m) {
           py::init([](std::vector<py::object> stages, std::vector<std::string> devices, int workers,
                       int64_t chunks, const std::string& schedule, const std::string& checkpoint) {
             std::vector<shardpipe::StageFn> fns;
-            for (auto& s : stages) fns.push_back(python_stage(s));
+            std::vector<shardpipe::BuffersFn> buffers;
+            for (auto& s : stages) {
+              fns.push_back(python_stage(s));
+              buffers.push_back(python_buffers(s));
+            }
             shardpipe::EngineOptions options;
             for (const auto& d : devices) options.devices.emplace_back(d);
             options.workers = workers;
             options.chunks = chunks;
             options.schedule = shardpipe::parse_schedule(schedule);
             options.checkpoint = shardpipe::parse_checkpoint(checkpoint);
-            return shardpipe::Engine::create(std::move(fns), std::move(options));
+            return shardpipe::Engine::create(std::move(fns), std::move(options),
+                                             std::move(buffers));
           }),
           py::arg("stages"), py::arg("devices"), py::arg("workers"), py::arg("chunks"),
           py::arg("schedule"), py::arg("checkpoint"))
       .def(
           "forward",
-          [](shardpipe::Engine& e, const Activations& inputs, const std::vector<bool>& batched) {
-            return without_gil([&] { return e.forward(inputs, batched); });
+          [](shardpipe::Engine& e, const Activations& inputs, const std::vector<bool>& batched,
+             const py::object& spec, bool training) {
+            shardpipe::Values values{inputs, structure_of(spec)};
+            auto out = without_gil([&] { return e.forward(values, batched, training); });
+            return to_python(out.tensors, out.structure);
           },
-          py::arg("inputs"), py::arg("batched"))
+          py::arg("inputs"), py::arg("batched"), py::arg("spec"), py::arg("training"),
+          "The output as the last stage returned it (tensors concatenated over micro-batches).")
       .def(
           "train_step",
           [](shardpipe::Engine& e, const Activations& inputs, const std::vector<bool>& batched,
-             const Activations& targets, py::object loss_fn, bool sum_reduction) {
+             const py::object& spec, const Activations& targets, py::object loss_fn,
+             bool sum_reduction, bool training) {
             auto loss = python_loss(std::move(loss_fn));
-            return without_gil(
-                [&] { return e.train_step(inputs, batched, targets, loss, sum_reduction); });
+            shardpipe::Values values{inputs, structure_of(spec)};
+            return without_gil([&] {
+              return e.train_step(values, batched, targets, loss, sum_reduction, training);
+            });
           },
-          py::arg("inputs"), py::arg("batched"), py::arg("targets"), py::arg("loss_fn"),
-          py::arg("sum_reduction"))
+          py::arg("inputs"), py::arg("batched"), py::arg("spec"), py::arg("targets"),
+          py::arg("loss_fn"), py::arg("sum_reduction"), py::arg("training"))
       .def("shutdown",
            [](shardpipe::Engine& e) {
              without_gil([&] {

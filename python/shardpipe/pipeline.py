@@ -7,8 +7,9 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from . import _C
+from . import _C, _structure
 from ._checks import as_device_list, check_bool, check_choice, check_int
 from .batchnorm import DeferredBatchNorm
 from .sequentialize import _blocks
@@ -75,22 +76,24 @@ def _stage_module(blocks):
 
 
 def _flatten_inputs(inputs):
-    if len(inputs) == 1 and isinstance(inputs[0], (tuple, list)):
-        inputs = tuple(inputs[0])
+    """``(tensors, batched, spec)`` of a pipeline's positional inputs: one input is given to
+    the first stage as it is, several as a tuple; ``NoChunk`` tensors are not split."""
+    value = inputs[0] if len(inputs) == 1 else tuple(inputs)
+    leaves, treespec = pytree.tree_flatten(value)
     tensors, batched = [], []
-    for k, x in enumerate(inputs):
-        if isinstance(x, NoChunk):
-            tensors.append(x.tensor)
-            batched.append(False)
-        elif isinstance(x, torch.Tensor):
-            tensors.append(x)
-            batched.append(True)
-        else:
-            raise TypeError(f"pipeline input {k} must be a Tensor or NoChunk(Tensor), "
-                            f"got {type(x).__name__}")
-    if not tensors:
-        raise TypeError("a pipeline needs at least one input Tensor")
-    return tensors, batched
+    for leaf in leaves:
+        if isinstance(leaf, (torch.Tensor, NoChunk)):
+            tensors.append(leaf.tensor if isinstance(leaf, NoChunk) else leaf)
+            batched.append(not isinstance(leaf, NoChunk))
+    if not any(batched):
+        kinds = ", ".join(f"input {k} is a {type(x).__name__}" for k, x in enumerate(inputs))
+        raise TypeError("a pipeline's inputs must hold at least one Tensor to split into "
+                        f"micro-batches (not wrapped in NoChunk); {kinds}")
+    if any(isinstance(leaf, NoChunk) for leaf in leaves):
+        value = pytree.tree_unflatten(
+            [leaf.tensor if isinstance(leaf, NoChunk) else leaf for leaf in leaves], treespec)
+    _, spec = _structure.flatten(value)
+    return tensors, batched, spec
 
 
 class Pipeline(nn.Module):
@@ -243,10 +246,11 @@ class Pipeline(nn.Module):
 
     def forward(self, *inputs):
         """Run the pipeline; returns the last stage's output (a Tensor or a tuple)."""
-        tensors, batched = _flatten_inputs(inputs)
-        outputs = self._engine.forward(tensors, batched)
-        self._commit_batch_norm()
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        tensors, batched, spec = _flatten_inputs(inputs)
+        output = self._engine.forward(tensors, batched, spec, self.training)
+        if self._deferred:
+            self._commit_batch_norm()
+        return output
 
     def train_step(self, input, target, loss_fn, loss_reduction="mean"):
         """Forward and backward of one mini-batch, fused under the schedule.
@@ -269,7 +273,7 @@ class Pipeline(nn.Module):
             >>> loss = pipe.train_step(x, y, nn.functional.cross_entropy)
             >>> optimizer.step(); optimizer.zero_grad()
         """
-        tensors, batched = _flatten_inputs((input,))
+        tensors, batched, spec = _flatten_inputs((input,))
         if isinstance(target, torch.Tensor):
             targets = [target]
         elif isinstance(target, (tuple, list)) and target and all(
@@ -282,8 +286,8 @@ class Pipeline(nn.Module):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS)
-        loss = self._engine.train_step(tensors, batched, targets, loss_fn,
-                                       loss_reduction == "sum")
+        loss = self._engine.train_step(tensors, batched, spec, targets, loss_fn,
+                                       loss_reduction == "sum", self.training)
         self._commit_batch_norm()
         return loss
 

@@ -61,6 +61,13 @@ RngState RngState::capture(at::Device device) {
   return state;
 }
 
+bool RngState::same_as(const RngState& other) const {
+  auto equal = [](const at::Tensor& a, const at::Tensor& b) {
+    return a.defined() == b.defined() && (!a.defined() || at::equal(a, b));
+  };
+  return where == other.where && equal(cpu, other.cpu) && equal(device, other.device);
+}
+
 RngFork::RngFork(const RngState& replay) : saved_(RngState::capture(replay.where)) {
   set_state(at::detail::getDefaultCPUGenerator(), replay.cpu);
   if (replay.device.defined())

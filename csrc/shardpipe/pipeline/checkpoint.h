@@ -26,6 +26,8 @@ struct RngState {
   c10::Device where = at::kCPU;
 
   static RngState capture(at::Device device);
+  // Whether both hold the same generator states (no draw happened between two captures).
+  bool same_as(const RngState& other) const;
 };
 
 // Sets the generators to a saved state for the guard's lifetime and puts back what was there

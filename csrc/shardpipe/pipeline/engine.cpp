@@ -52,11 +52,13 @@ Placement placement_of(size_t stages, EngineOptions& options) {
 
 }  // namespace
 
-std::shared_ptr<Engine> Engine::create(std::vector<StageFn> stages, EngineOptions options) {
-  return std::shared_ptr<Engine>(new Engine(std::move(stages), std::move(options)));
+std::shared_ptr<Engine> Engine::create(std::vector<StageFn> stages, EngineOptions options,
+                                       std::vector<BuffersFn> buffers) {
+  return std::shared_ptr<Engine>(
+      new Engine(std::move(stages), std::move(options), std::move(buffers)));
 }
 
-Engine::Engine(std::vector<StageFn> stages, EngineOptions options)
+Engine::Engine(std::vector<StageFn> stages, EngineOptions options, std::vector<BuffersFn> buffers)
     : options_(std::move(options)),
       placement_(placement_of(stages.size(), options_)),
       transport_(placement_, streams_) {
@@ -65,6 +67,7 @@ Engine::Engine(std::vector<StageFn> stages, EngineOptions options)
   }
   for (int s = 0; s < placement_.stages(); ++s) {
     stage_workers_.emplace_back(s, placement_.stages(), std::move(stages[s]),
+                                s < static_cast<int>(buffers.size()) ? buffers[s] : BuffersFn(),
                                 placement_.stage_devices[s], streams_[s], options_.checkpoint,
                                 transport_);
   }
@@ -109,10 +112,12 @@ void Engine::caller_waits_for_stages() {
   }
 }
 
-std::shared_ptr<Step> Engine::make_step(const Activations& inputs,
-                                        const std::vector<bool>& batched) {
+std::shared_ptr<Step> Engine::make_step(const Values& values, const std::vector<bool>& batched,
+                                        bool training) {
+  const Activations& inputs = values.tensors;
   auto step = std::make_shared<Step>();
   step->stages = stages();
+  step->training = training;
   auto parts = split_into_micro_batches(*step, inputs, batched, options_.chunks);
   stages_wait_for_caller();
   step->generators_held_by_caller = generator_locks_held_here();
@@ -124,14 +129,16 @@ std::shared_ptr<Step> Engine::make_step(const Activations& inputs,
   for (int i = 0; i < step->micro_batches; ++i) {
     Slot& slot = step->at(0, i);
     slot.input = transfer(parts[i], placement_.stage_devices[0], streams_[0]);
+    slot.input_structure = values.structure;
     slot.has_input = true;
   }
   return step;
 }
 
-Activations Engine::forward(const Activations& inputs, const std::vector<bool>& batched) {
+Values Engine::forward(const Values& values, const std::vector<bool>& batched, bool training) {
   EngineCall call(this, lifecycle_, closed_);
-  auto step = make_step(inputs, batched);
+  auto step = make_step(values, batched, training);
+  const Activations& inputs = values.tensors;
   const int S = stages(), m = step->micro_batches;
   executor_->execute(*step, schedule_for(m, Phase::kForward), std::nullopt);
 
@@ -143,22 +150,26 @@ Activations Engine::forward(const Activations& inputs, const std::vector<bool>& 
     if (t.requires_grad()) t = t.detach();
   }
 
+  Values result{std::move(outputs), std::move(step->output_structure)};
+  Activations& outputs_ref = result.tensors;
   bool attach = false;
   if (step->grad_enabled) {
-    attach = options_.checkpoint != CheckpointMode::kNever;
+    attach = training && options_.checkpoint != CheckpointMode::kNever;
     for (int i = 0; i < m && !attach; ++i) {
       for (const auto& t : step->at(S - 1, i).output) attach = attach || t.requires_grad();
     }
   }
   step->outputs.clear();
-  if (!attach) return outputs;
+  if (!attach) return result;
 
   std::vector<size_t> differentiable;
-  for (size_t k = 0; k < outputs.size(); ++k) {
-    if (outputs[k].is_floating_point() || outputs[k].is_complex()) differentiable.push_back(k);
+  for (size_t k = 0; k < outputs_ref.size(); ++k) {
+    if (outputs_ref[k].is_floating_point() || outputs_ref[k].is_complex()) {
+      differentiable.push_back(k);
+    }
   }
-  attach_pipeline_backward(shared_from_this(), step, inputs, outputs, differentiable);
-  return outputs;
+  attach_pipeline_backward(shared_from_this(), step, inputs, outputs_ref, differentiable);
+  return result;
 }
 
 std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tensor>& grads) {
@@ -196,13 +207,15 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
   return input_gradients(step, placement_.stage_devices[0]);
 }
 
-at::Tensor Engine::train_step(const Activations& inputs, const std::vector<bool>& batched,
-                              const Activations& targets, const LossFn& loss, bool sum_reduction) {
+at::Tensor Engine::train_step(const Values& values, const std::vector<bool>& batched,
+                              const Activations& targets, const LossFn& loss, bool sum_reduction,
+                              bool training) {
   TORCH_CHECK(at::GradMode::is_enabled(),
               "shardpipe: train_step needs grad mode; it was called under torch.no_grad() or "
               "torch.inference_mode()");
   EngineCall call(this, lifecycle_, closed_);
-  auto step = make_step(inputs, batched);
+  auto step = make_step(values, batched, training);
+  const Activations& inputs = values.tensors;
   const int S = stages(), m = step->micro_batches;
   step->fused = true;
   step->loss = &loss;

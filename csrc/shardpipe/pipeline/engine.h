@@ -35,21 +35,26 @@ struct EngineOptions {
 // StageWorker (one stage's tasks), LocalTransport (hand-offs), Executor (threads and order).
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
-  static std::shared_ptr<Engine> create(std::vector<StageFn> stages, EngineOptions options);
+  // `buffers[s]` (optional) gives stage s's buffers, which a recomputation leaves as it
+  // found them.
+  static std::shared_ptr<Engine> create(std::vector<StageFn> stages, EngineOptions options,
+                                        std::vector<BuffersFn> buffers = {});
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
   // Splits the `batched` inputs along dim 0 into micro-batches (like at::chunk; the others
   // go whole to every micro-batch), runs the forward schedule and returns the last stage's
-  // outputs concatenated, on its device. With grad mode on they are differentiable.
-  Activations forward(const Activations& inputs, const std::vector<bool>& batched);
+  // outputs concatenated, on its device, with micro-batch 0's structure. With grad mode on
+  // they are differentiable. `training`: the module's mode (checkpointing is for training).
+  Values forward(const Values& inputs, const std::vector<bool>& batched, bool training = true);
 
   // Forward and backward of `loss(outputs, targets)` for every micro-batch under the
   // schedule. Returns the loss (detached): the micro-batch losses weighted by their share of
   // the batch (or summed when `sum_reduction`); parameter gradients are those of that value.
-  at::Tensor train_step(const Activations& inputs, const std::vector<bool>& batched,
-                        const Activations& targets, const LossFn& loss, bool sum_reduction);
+  at::Tensor train_step(const Values& inputs, const std::vector<bool>& batched,
+                        const Activations& targets, const LossFn& loss, bool sum_reduction,
+                        bool training = true);
 
   // The backward schedule for a step made by `forward`; called by its autograd node.
   std::vector<at::Tensor> backward(Step& step, const std::vector<at::Tensor>& grads);
@@ -63,9 +68,10 @@ class Engine : public std::enable_shared_from_this<Engine> {
   const EngineOptions& options() const { return options_; }
 
  private:
-  Engine(std::vector<StageFn> stages, EngineOptions options);
+  Engine(std::vector<StageFn> stages, EngineOptions options, std::vector<BuffersFn> buffers);
 
-  std::shared_ptr<Step> make_step(const Activations& inputs, const std::vector<bool>& batched);
+  std::shared_ptr<Step> make_step(const Values& inputs, const std::vector<bool>& batched,
+                                  bool training);
   // Orders every stage's stream after the calling thread's stream on the stage's device, or
   // the other way round, without blocking the host: stages must not read what the caller is
   // still writing (optimizer.step()), nor the caller what the stages wrote (gradients,

@@ -28,12 +28,13 @@ Activations transfer(const Activations& xs, at::Device to,
 }
 
 void LocalTransport::send_activations(Step& step, int stage, int i, const Activations& outputs,
-                                      std::vector<bool> needs_grad) {
+                                      StructurePtr structure, std::vector<bool> needs_grad) {
   const int to = stage + 1;
   Activations moved = transfer(outputs, placement_.stage_devices[to], streams_[to]);
   std::lock_guard<std::mutex> lock(step.mutex);
   Slot& slot = step.at(to, i);
   slot.input = std::move(moved);
+  slot.input_structure = std::move(structure);
   slot.input_has_grad = std::move(needs_grad);
   slot.has_input = true;
   step.notify_locked();
@@ -54,11 +55,12 @@ bool LocalTransport::arrived(Step& step, const Task& task) {
   return task.phase == Phase::kForward ? slot.has_input : slot.has_grad;
 }
 
-Activations LocalTransport::take_input(Step& step, int stage, int i,
+Activations LocalTransport::take_input(Step& step, int stage, int i, StructurePtr* structure,
                                        std::vector<bool>* needs_grad) {
   std::lock_guard<std::mutex> lock(step.mutex);
   Slot& slot = step.at(stage, i);
-  if (needs_grad) *needs_grad = std::move(slot.input_has_grad);
+  *structure = std::move(slot.input_structure);
+  *needs_grad = std::move(slot.input_has_grad);
   return std::move(slot.input);
 }
 

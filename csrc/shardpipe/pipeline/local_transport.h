@@ -26,10 +26,11 @@ class LocalTransport : public Transport {
       : placement_(placement), streams_(streams) {}
 
   void send_activations(Step& step, int stage, int i, const Activations& outputs,
-                        std::vector<bool> needs_grad) override;
+                        StructurePtr structure, std::vector<bool> needs_grad) override;
   void send_gradients(Step& step, int stage, int i, const Activations& grads) override;
   bool arrived(Step& step, const Task& task) override;
-  Activations take_input(Step& step, int stage, int i, std::vector<bool>* needs_grad) override;
+  Activations take_input(Step& step, int stage, int i, StructurePtr* structure,
+                         std::vector<bool>* needs_grad) override;
   Activations take_gradient(Step& step, int stage, int i) override;
 
  private:

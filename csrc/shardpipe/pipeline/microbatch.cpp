@@ -2,8 +2,6 @@
 
 #include <c10/util/Exception.h>
 
-#include <algorithm>
-
 #include "shardpipe/copy/copy.h"
 #include "shardpipe/pipeline/stage_stream.h"
 
@@ -15,29 +13,33 @@ std::vector<Activations> split_into_micro_batches(Step& step, const Activations&
   TORCH_CHECK_VALUE(inputs.size() == batched.size(), "shardpipe: ", inputs.size(), " inputs but ",
                     batched.size(), " batched flags");
   step.batched = batched;
-  int64_t batch = -1;
+  // Each batched input splits along its own dim 0 (their sizes may differ); all must give
+  // the same number of micro-batches. The first one's sizes weigh the losses.
+  std::vector<std::vector<at::Tensor>> pieces(inputs.size());
+  int first = -1;
   for (size_t k = 0; k < inputs.size(); ++k) {
     TORCH_CHECK_TYPE(inputs[k].defined(), "shardpipe: input ", k, " is not a tensor");
     step.input_devices.push_back(inputs[k].device());
     if (!batched[k]) continue;
     TORCH_CHECK_VALUE(inputs[k].dim() >= 1, "shardpipe: input ", k,
                       " is a 0-dim tensor, so it cannot be split into micro-batches");
-    if (batch < 0) batch = inputs[k].size(0);
-    TORCH_CHECK_VALUE(inputs[k].size(0) == batch, "shardpipe: inputs must share their batch size,",
-                      " got ", batch, " and ", inputs[k].size(0), " (input ", k, ")");
+    TORCH_CHECK_VALUE(inputs[k].size(0) > 0, "shardpipe: the batch is empty (input ", k,
+                      " has 0 rows)");
+    pieces[k] = at::chunk(inputs[k], chunks, 0);
+    if (first < 0) {
+      first = static_cast<int>(k);
+      continue;
+    }
+    TORCH_CHECK_VALUE(pieces[k].size() == pieces[first].size(), "shardpipe: input ", k,
+                      " (batch size ", inputs[k].size(0), ") splits into ", pieces[k].size(),
+                      " micro-batches but input ", first, " (batch size ", inputs[first].size(0),
+                      ") into ", pieces[first].size(), "; give inputs whose batch sizes split ",
+                      "into the same number, or wrap the input in NoChunk");
   }
-  TORCH_CHECK_VALUE(batch >= 0, "shardpipe: at least one input must be split into micro-batches");
-  TORCH_CHECK_VALUE(batch > 0, "shardpipe: the batch is empty");
-  step.batch = batch;
-
-  std::vector<std::vector<at::Tensor>> pieces(inputs.size());
-  for (size_t k = 0; k < inputs.size(); ++k) {
-    if (batched[k]) pieces[k] = at::chunk(inputs[k], chunks, 0);
-  }
-  const auto& first =
-      *std::find_if(pieces.begin(), pieces.end(), [](const auto& p) { return !p.empty(); });
-  step.micro_batches = static_cast<int>(first.size());
-  for (const auto& piece : first) step.sizes.push_back(piece.size(0));
+  TORCH_CHECK_VALUE(first >= 0, "shardpipe: at least one input must be split into micro-batches");
+  step.batch = inputs[first].size(0);
+  step.micro_batches = static_cast<int>(pieces[first].size());
+  for (const auto& piece : pieces[first]) step.sizes.push_back(piece.size(0));
   step.slots.resize(static_cast<size_t>(step.stages) * step.micro_batches);
   step.outputs.resize(step.micro_batches);
   step.input_grads.resize(step.micro_batches);

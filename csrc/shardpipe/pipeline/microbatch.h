@@ -8,9 +8,10 @@
 
 namespace shardpipe {
 
-// Splits the `batched` inputs along dim 0 into at most `chunks` micro-batches (like
-// at::chunk; the other inputs go whole to every micro-batch) and sets the step's batch,
-// micro-batch sizes, input devices and slots. Returns the micro-batches; throws
+// Splits each `batched` input along its own dim 0 into at most `chunks` micro-batches (like
+// at::chunk; all must give the same number; the other inputs go whole to every micro-batch)
+// and sets the step's batch and micro-batch sizes (the first batched input's), input devices
+// and slots. Returns the micro-batches; throws
 // c10::ValueError / c10::TypeError for inputs that cannot be split.
 std::vector<Activations> split_into_micro_batches(Step& step, const Activations& inputs,
                                                   const std::vector<bool>& batched, int64_t chunks);

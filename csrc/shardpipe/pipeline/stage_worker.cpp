@@ -36,7 +36,7 @@ void StageWorker::run(Step& step, const Task& task) {
 }
 
 Activations StageWorker::call(Step& step, int i, const Activations& input,
-                              const std::vector<bool>& input_has_grad) {
+                              const std::vector<bool>& input_has_grad, StructurePtr& structure) {
   std::vector<NodePtr> sinks(input.size());
   Activations stage_input;
   stage_input.reserve(input.size());
@@ -54,9 +54,9 @@ Activations StageWorker::call(Step& step, int i, const Activations& input,
     if (wanted) sinks[k] = attach_gradient_sink(x);
     stage_input.push_back(std::move(x));
   }
-  Activations out = fn_(stage_input);
+  Activations out = fn_(stage_input, structure);
   if (step.fused && last_) {
-    at::Tensor loss = (*step.loss)(out, step.targets[i]);
+    at::Tensor loss = (*step.loss)(out, structure, step.targets[i]);
     TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1,
                       "shardpipe: loss_fn must return a scalar tensor, got shape ", loss.sizes());
     out = {loss.reshape({}) * step.weights[i]};
@@ -68,13 +68,19 @@ Activations StageWorker::call(Step& step, int i, const Activations& input,
 void StageWorker::forward(Step& step, int i) {
   Slot& slot = step.at(stage_, i);
   std::vector<bool> input_has_grad;
-  Activations input = transport_.take_input(step, stage_, i, &input_has_grad);
+  StructurePtr structure;
+  Activations input = transport_.take_input(step, stage_, i, &structure, &input_has_grad);
+  // Recomputation trades compute for memory during training; in eval mode a forward with
+  // autograd on keeps its graph.
   const bool checkpointed =
-      step.grad_enabled && is_checkpointed(checkpoint_, i, step.micro_batches);
+      step.grad_enabled && step.training && is_checkpointed(checkpoint_, i, step.micro_batches);
   Activations out;
   {
+    // While any stage checkpoints, forwards that may draw random numbers hold their
+    // generator's lock, so that a checkpointed one draws an uninterrupted stretch to replay.
     GeneratorLock generator;
-    if (step.grad_enabled && checkpoint_ != CheckpointMode::kNever) {
+    if (step.grad_enabled && step.training && checkpoint_ != CheckpointMode::kNever &&
+        draws_ != Draws::kNo) {
       generator = GeneratorLock(device_, step.generators_held_by_caller, step.own_generator);
     }
     if (checkpointed) {
@@ -83,12 +89,30 @@ void StageWorker::forward(Step& step, int i) {
       // otherwise hand it a modified one.
       slot.input.clear();
       for (const auto& t : input) slot.input.push_back(t.defined() ? t.clone() : t);
+      slot.input_structure = structure;
       slot.input_has_grad = input_has_grad;
+      slot.buffers_seen.clear();
+      if (buffers_) {
+        for (auto& b : buffers_()) slot.buffers_seen.emplace_back(b, b.clone());
+      }
     }
     at::AutoGradMode grad_mode(step.grad_enabled && !checkpointed);
-    out = call(step, i, input, input_has_grad);
+    out = call(step, i, input, input_has_grad, structure);
+    if (checkpointed) {
+      slot.rng_after = RngState::capture(device_);
+      if (draws_ == Draws::kUnknown) {
+        draws_ = slot.rng.same_as(slot.rng_after) ? Draws::kNo : Draws::kYes;
+      }
+      // Only what the forward changed needs to be seen again. (Kernels such as batch norm's
+      // update their buffers without bumping the version counter: compare the values.)
+      std::vector<std::pair<at::Tensor, at::Tensor>> changed;
+      for (auto& seen : slot.buffers_seen) {
+        if (!at::equal(seen.first, seen.second)) changed.push_back(std::move(seen));
+      }
+      slot.buffers_seen = std::move(changed);
+    }
   }
-  slot.checkpointed = step.grad_enabled && checkpointed;
+  slot.checkpointed = checkpointed;
   if (!step.grad_enabled || checkpointed) {
     slot.sinks.clear();
   } else {
@@ -98,6 +122,7 @@ void StageWorker::forward(Step& step, int i) {
     Activations outputs = detached(out);
     if (step.fused) step.losses[i] = outputs[0];
     step.outputs[i] = std::move(outputs);
+    if (i == 0) step.output_structure = std::move(structure);
     return;
   }
   // A checkpointed forward ran without a graph: whether its output needs a gradient is
@@ -106,21 +131,73 @@ void StageWorker::forward(Step& step, int i) {
   needs_grad.reserve(out.size());
   for (const auto& t : out)
     needs_grad.push_back(checkpointed || (t.defined() && t.requires_grad()));
-  transport_.send_activations(step, stage_, i, out, std::move(needs_grad));
+  transport_.send_activations(step, stage_, i, out, std::move(structure), std::move(needs_grad));
+}
+
+Activations StageWorker::recompute(Step& step, int i, Slot& slot) {
+  RecomputeGuard recomputing;
+  at::AutoGradMode grad_mode(true);
+  // The buffers as the forward found them, for the time of the recomputation. Written
+  // through an alias with a version counter of its own: the recomputed graph may save a
+  // buffer (batch norm saves its running statistics) and must not find it "modified".
+  std::vector<at::Tensor> now;
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [buffer, seen] : slot.buffers_seen) {
+      now.push_back(buffer.clone());
+      buffer.variable_data().copy_(seen);
+    }
+  }
+  auto put_back = [&] {
+    at::NoGradGuard no_grad;
+    for (size_t k = 0; k < now.size(); ++k) {
+      slot.buffers_seen[k].first.variable_data().copy_(now[k]);
+    }
+  };
+  auto run = [&] {
+    StructurePtr structure = slot.input_structure;
+    return call(step, i, slot.input, slot.input_has_grad, structure);
+  };
+  auto replay_locked = [&] {
+    GeneratorLock generator(device_, step.generators_held_by_caller, step.own_generator);
+    RngFork replay(slot.rng);
+    Activations out = run();
+    const RngState end = RngState::capture(device_);
+    const bool drew = !end.same_as(slot.rng);
+    if (drew) draws_ = Draws::kYes;
+    // The forward's draws are replayed exactly only if nothing else drew from the generator
+    // while it ran: it then ended where the replay ends.
+    TORCH_CHECK(!drew || end.same_as(slot.rng_after), "shardpipe: stage ", stage_,
+                " drew random numbers in the checkpointed forward of micro-batch ", i,
+                " while another thread drew from the same generator, so its recomputation "
+                "cannot replay them and its gradients would be wrong; run the step again");
+    return out;
+  };
+  Activations out;
+  try {
+    if (draws_ != Draws::kNo) {
+      out = replay_locked();
+    } else {
+      // A stage that drew nothing so far runs unlocked; an unchanged generator proves it
+      // still draws nothing. Otherwise someone drew: make sure, under the lock.
+      const RngState start = RngState::capture(device_);
+      out = run();
+      if (!RngState::capture(device_).same_as(start)) {
+        out.clear();
+        out = replay_locked();
+      }
+    }
+  } catch (...) {
+    put_back();
+    throw;
+  }
+  put_back();
+  return out;
 }
 
 void StageWorker::backward(Step& step, int i) {
   Slot& slot = step.at(stage_, i);
-  Activations outputs;
-  if (slot.checkpointed) {
-    GeneratorLock generator(device_, step.generators_held_by_caller, step.own_generator);
-    RecomputeGuard recomputing;
-    RngFork replay(slot.rng);
-    at::AutoGradMode grad_mode(true);
-    outputs = call(step, i, slot.input, slot.input_has_grad);
-  } else {
-    outputs = std::move(slot.output);
-  }
+  Activations outputs = slot.checkpointed ? recompute(step, i, slot) : std::move(slot.output);
   std::vector<at::Tensor> roots, grads;
   if (step.fused && last_) {
     // As loss.backward() would: a loss without a graph leaves every gradient unset.
@@ -145,8 +222,11 @@ void StageWorker::backward(Step& step, int i) {
   }
   slot.sinks.clear();
   slot.input.clear();
+  slot.input_structure.reset();
   slot.input_has_grad.clear();
+  slot.buffers_seen.clear();
   slot.rng = RngState();
+  slot.rng_after = RngState();
   roots.clear();
   grads.clear();
   outputs.clear();

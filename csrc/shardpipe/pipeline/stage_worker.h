@@ -16,13 +16,17 @@ namespace shardpipe {
 // checkpointed forward), runs autograd from the stage's outputs into its parameters and
 // inputs, and hands what the task made to the transport. Which thread calls it, and when, is
 // the executor's business.
+// The stage's buffers (running statistics...), asked for when a forward is checkpointed.
+using BuffersFn = std::function<std::vector<at::Tensor>()>;
+
 class StageWorker {
  public:
-  StageWorker(int stage, int stages, StageFn fn, at::Device device,
+  StageWorker(int stage, int stages, StageFn fn, BuffersFn buffers, at::Device device,
               std::optional<c10::Stream> stream, CheckpointMode checkpoint, Transport& transport)
       : stage_(stage),
         last_(stage == stages - 1),
         fn_(std::move(fn)),
+        buffers_(std::move(buffers)),
         device_(device),
         stream_(stream),
         checkpoint_(checkpoint),
@@ -38,13 +42,22 @@ class StageWorker {
   void forward(Step& step, int i);
   void backward(Step& step, int i);
   // Calls the stage on `input`, each input that wants a gradient behind a sink (kept in the
-  // slot); on the last stage of a train_step, returns the weighted loss instead.
+  // slot); `structure` goes in as the input's and comes out as the output's. On the last
+  // stage of a train_step, returns the weighted loss instead.
   Activations call(Step& step, int i, const Activations& input,
-                   const std::vector<bool>& input_has_grad);
+                   const std::vector<bool>& input_has_grad, StructurePtr& structure);
+  // A checkpointed forward's graph, made again.
+  Activations recompute(Step& step, int i, Slot& slot);
+  // Generator locks serialise forwards that draw random numbers; a stage learns whether it
+  // draws (under the lock, exactly) and, if it does not, runs unlocked, each recomputation
+  // checking that it still draws nothing.
+  enum class Draws { kUnknown, kYes, kNo };
 
   int stage_;
   bool last_;
   StageFn fn_;
+  BuffersFn buffers_;
+  Draws draws_ = Draws::kUnknown;  // only this stage's tasks touch it, never two at once
   at::Device device_;
   std::optional<c10::Stream> stream_;
   CheckpointMode checkpoint_;

@@ -20,11 +20,29 @@ namespace shardpipe {
 
 // What flows between stages: the tensors of one micro-batch (one, or a tuple's worth).
 using Activations = std::vector<at::Tensor>;
+
+// What flows between stages besides tensors: how they nest (tuples, lists, dicts) and the
+// values that are not tensors (a flag, an absent mask). Opaque to the core, which only
+// hands it on: the Python bindings keep Python objects in it. Null: one bare tensor, or a
+// flat tuple when there are several.
+struct Structure {
+  virtual ~Structure() = default;
+};
+using StructurePtr = std::shared_ptr<const Structure>;
+
+// Tensors and their structure: what a phase takes from the caller or gives back.
+struct Values {
+  Activations tensors;
+  StructurePtr structure;
+};
+
 // A stage: a callable over tensors (a torch::nn module, or a Python module through the
-// bindings). It runs on its worker's thread, with the stage's stream current.
-using StageFn = std::function<Activations(const Activations&)>;
+// bindings). It runs on its worker's thread, with the stage's stream current. `structure`
+// says how `inputs` nest; the stage replaces it by its outputs' structure.
+using StageFn = std::function<Activations(const Activations& inputs, StructurePtr& structure)>;
 // Loss of one micro-batch from the last stage's outputs and that micro-batch's targets.
-using LossFn = std::function<at::Tensor(const Activations& outputs, const Activations& targets)>;
+using LossFn = std::function<at::Tensor(const Activations& outputs, const StructurePtr& structure,
+                                        const Activations& targets)>;
 
 // Older PyTorch releases hold autograd nodes by std::shared_ptr, newer ones by
 // c10::intrusive_ptr; the edge type says which this build has.
@@ -33,12 +51,17 @@ using NodePtr = decltype(torch::autograd::Edge::function);
 // What one (stage, micro-batch) keeps between its forward and its backward. Its `input` and
 // `grad` are also the mailbox a transport delivers into.
 struct Slot {
-  Activations input;                 // on the stage's device, detached from the producer's graph
+  Activations input;  // on the stage's device, detached from the producer's graph
+  StructurePtr input_structure;
   std::vector<bool> input_has_grad;  // per input: its producer's output needed a gradient
   std::vector<NodePtr> sinks;        // per input: collects its gradient (null: none wanted)
   Activations output;                // with the stage's graph, unless the forward was checkpointed
   Activations grad;                  // gradient of `output`, sent by the next stage (or the caller)
-  RngState rng;                      // for recomputation
+  RngState rng;                      // for recomputation: the random state the forward began
+  RngState rng_after;                //   with, and the one it left
+  // Buffers the checkpointed forward changed (batch-norm statistics...) with the values it
+  // found: the recomputation sees them too and leaves every buffer as it was.
+  std::vector<std::pair<at::Tensor, at::Tensor>> buffers_seen;
   bool checkpointed = false;
   bool has_input = false;
   bool forward_done = false;
@@ -64,6 +87,7 @@ struct Step {
   std::vector<bool> input_requires_grad;
   std::vector<at::Device> input_devices;
   std::vector<Activations> outputs;      // last stage, per micro-batch, detached
+  StructurePtr output_structure;         // of the last stage's outputs (micro-batch 0's)
   std::vector<Activations> input_grads;  // first stage, per micro-batch
 
   // train_step only
@@ -73,6 +97,7 @@ struct Step {
   std::vector<double> weights;
   std::vector<at::Tensor> losses;
   bool backward_ran = false;
+  bool training = true;  // the module's mode: checkpointing trades memory in training only
 
   // Grad mode, autocast, ... of the thread that started the phase, which has them already.
   at::ThreadLocalState tls;

@@ -24,19 +24,21 @@ class Transport {
   // Before a phase's tasks run here: `lists` are the task lists this process will run.
   virtual void begin(Step& step, const std::vector<const std::vector<Task>*>& lists) {}
 
-  // F(stage, i) finished: `outputs` go to stage + 1. `needs_grad[k]`: whether output k will
-  // want a gradient back (the consumer then collects one for it).
+  // F(stage, i) finished: `outputs` (nested as `structure` says) go to stage + 1.
+  // `needs_grad[k]`: whether output k will want a gradient back (the consumer then collects
+  // one for it).
   virtual void send_activations(Step& step, int stage, int i, const Activations& outputs,
-                                std::vector<bool> needs_grad) = 0;
+                                StructurePtr structure, std::vector<bool> needs_grad) = 0;
   // B(stage, i) finished: the gradients of its inputs go to stage - 1.
   virtual void send_gradients(Step& step, int stage, int i, const Activations& grads) = 0;
 
   // Whether what `task` consumes from another stage (a forward's input, a backward's output
   // gradient) has arrived; called with step.mutex held.
   virtual bool arrived(Step& step, const Task& task) = 0;
-  // The input of forward `task` (and, per input, whether its producer wants a gradient), once
-  // arrived; moved out of the transport.
-  virtual Activations take_input(Step& step, int stage, int i, std::vector<bool>* needs_grad) = 0;
+  // The input of forward (stage, i), its structure and, per input, whether its producer
+  // wants a gradient, once arrived; moved out of the transport.
+  virtual Activations take_input(Step& step, int stage, int i, StructurePtr* structure,
+                                 std::vector<bool>* needs_grad) = 0;
   // The gradient of the outputs of backward `task`, once arrived; moved out.
   virtual Activations take_gradient(Step& step, int stage, int i) = 0;
 

@@ -24,8 +24,9 @@ struct Model {
   std::vector<StageFn> stages() {
     std::vector<StageFn> fns;
     for (auto& p : parts) {
-      fns.push_back(
-          [p](const Activations& in) mutable -> Activations { return {p->forward(in[0])}; });
+      fns.push_back([p](const Activations& in, StructurePtr&) mutable -> Activations {
+        return {p->forward(in[0])};
+      });
     }
     return fns;
   }
@@ -66,7 +67,7 @@ TEST(Engine, ForwardAndBackwardEqualSequentialExecution) {
       x.mutable_grad().reset();
 
       auto engine = make_engine(model, 3, kind, checkpoint);
-      auto out = engine->forward({x}, {true});
+      auto out = engine->forward({{x}}, {true}).tensors;
       ASSERT_EQ(out.size(), 1u);
       EXPECT_TRUE(torch::allclose(out[0], want, 1e-5, 1e-6));
       out[0].pow(2).sum().backward();
@@ -90,7 +91,7 @@ TEST(Engine, CallerThreadAndWorkersGiveTheSameBits) {
       torch::manual_seed(1);
       auto x = torch::randn({9, 8});
       for (int step = 0; step < 6; ++step) {  // auto tries both, then keeps one
-        engine->forward({x}, {true})[0].pow(2).sum().backward();
+        engine->forward({{x}}, {true}).tensors[0].pow(2).sum().backward();
       }
       auto got = model.grads();
       if (first.empty()) {
@@ -108,7 +109,7 @@ TEST(Engine, ForcedThreadsAreTheOnesThatRun) {
   for (auto threads : {Threads::kWorkers, Threads::kCaller}) {
     engine->executor().set_threads(threads);
     torch::NoGradGuard no_grad;
-    engine->forward({torch::randn({4, 8})}, {true});
+    engine->forward({{torch::randn({4, 8})}}, {true});
     EXPECT_EQ(engine->executor().last_threads(), threads);
   }
   EXPECT_THROW(parse_threads("many"), std::invalid_argument);
@@ -122,10 +123,10 @@ TEST(Engine, TrainStepWeighsMicroBatchesByTheirShare) {
   want.backward();
   auto want_grads = model.grads();
   auto engine = make_engine(model, 3, ScheduleKind::kOneFOneB);
-  LossFn loss = [](const Activations& out, const Activations& t) {
+  LossFn loss = [](const Activations& out, const StructurePtr&, const Activations& t) {
     return torch::mse_loss(out[0], t[0]);
   };
-  auto got = engine->train_step({x}, {true}, {target}, loss, /*sum_reduction=*/false);
+  auto got = engine->train_step({{x}}, {true}, {target}, loss, /*sum_reduction=*/false);
   EXPECT_TRUE(torch::allclose(got, want.detach(), 1e-5, 1e-6));
   auto got_grads = model.grads();
   for (size_t k = 0; k < got_grads.size(); ++k)
@@ -136,7 +137,7 @@ TEST(Engine, NoGradKeepsNoGraph) {
   Model model(2);
   auto engine = make_engine(model, 2, ScheduleKind::kGPipe);
   torch::NoGradGuard no_grad;
-  auto out = engine->forward({torch::randn({4, 8})}, {true});
+  auto out = engine->forward({{torch::randn({4, 8})}}, {true}).tensors;
   EXPECT_FALSE(out[0].requires_grad());
 }
 
@@ -144,7 +145,7 @@ TEST(Engine, ErrorsReachTheCallerWithTheirTypeAndThePlace) {
   Model model(3);
   auto stages = model.stages();
   int calls = 0;
-  stages[1] = [&calls](const Activations& in) -> Activations {
+  stages[1] = [&calls](const Activations& in, StructurePtr&) -> Activations {
     if (++calls == 2) throw std::out_of_range("stage 1 failed");
     return in;
   };
@@ -152,15 +153,15 @@ TEST(Engine, ErrorsReachTheCallerWithTheirTypeAndThePlace) {
   options.devices.assign(3, at::kCPU);
   options.chunks = 4;
   auto engine = Engine::create(stages, options);
-  EXPECT_THROW(engine->forward({torch::randn({8, 8})}, {true}), std::out_of_range);
+  EXPECT_THROW(engine->forward({{torch::randn({8, 8})}}, {true}), std::out_of_range);
 
-  stages[1] = [](const Activations& in) -> Activations {
+  stages[1] = [](const Activations& in, StructurePtr&) -> Activations {
     TORCH_CHECK(false, "checked failure");
     return in;
   };
   auto failing = Engine::create(stages, options);
   try {
-    failing->forward({torch::randn({8, 8})}, {true});
+    failing->forward({{torch::randn({8, 8})}}, {true});
     FAIL() << "no error";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("stage 1, micro-batch 0 (forward)"), std::string::npos)
@@ -168,7 +169,7 @@ TEST(Engine, ErrorsReachTheCallerWithTheirTypeAndThePlace) {
   }
   // The first engine is still usable after its failure.
   calls = 100;
-  EXPECT_EQ(engine->forward({torch::randn({8, 8})}, {true})[0].size(0), 8);
+  EXPECT_EQ(engine->forward({{torch::randn({8, 8})}}, {true}).tensors[0].size(0), 8);
 }
 
 TEST(Engine, RejectsBadOptions) {
