@@ -15,8 +15,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import _C
+from ._blocks import _blocks
 from ._checks import as_device
-from .sequentialize import _blocks, sequentialize
+from .sequentialize import sequentialize
 
 __all__ = ["balance_by_size", "balance_by_time"]
 

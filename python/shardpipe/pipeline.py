@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from . import _C
+from ._blocks import _blocks
 from ._checks import as_device_list, check_bool, check_choice, check_int
 from .batchnorm import DeferredBatchNorm
-from .sequentialize import _blocks
 from .trace import Trace
 
 __all__ = ["Pipeline", "NoChunk"]

@@ -21,6 +21,8 @@ from collections import OrderedDict
 import torch
 from torch import fx, nn
 
+from ._blocks import _plain_sequential
+
 __all__ = ["sequentialize"]
 
 
@@ -133,27 +135,6 @@ def sequentialize(model):
         children, root_tensors = family(model)
         return _assemble(model, children, root_tensors)
     return _split_with_fx(model)
-
-
-def _blocks(module, nested):
-    """The (name, module) pairs a pipeline cuts into stages: ``module``'s children, and with
-    ``nested`` the children of each child that is a plain ``nn.Sequential`` (named
-    ``"layer3.0"``...) in its place, so a stage boundary can fall inside it. The children
-    stay where they are, so ``state_dict`` keys do not change."""
-    if not isinstance(nested, bool):
-        raise TypeError(f"nested must be a bool, got {type(nested).__name__}")
-    blocks = []
-    for name, child in module.named_children():
-        if nested and _plain_sequential(child) and len(child) > 0:
-            blocks += [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
-        else:
-            blocks.append((name, child))
-    return blocks
-
-
-def _plain_sequential(module):
-    # A subclass with its own forward does more than run its children in order.
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 # --- torchvision families -------------------------------------------------------------------
