@@ -12,10 +12,10 @@ import shardpipe as sp
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_stage_error_in_forward_keeps_its_type_and_says_where(schedule):
+def test_stage_error_in_forward_keeps_its_type_and_says_where(schedule, make_pipeline):
     model = nn.Sequential(nn.Linear(8, 8), Explode(on_call=2), nn.Linear(8, 8), nn.Tanh())
     devices = ["cpu", "cpu"] if schedule == "interleaved" else ["cpu"] * 4
-    pipe = sp.Pipeline(model, devices, chunks=3, balance=[1, 1, 1, 1], schedule=schedule)
+    pipe = make_pipeline(model, devices, chunks=3, balance=[1, 1, 1, 1], schedule=schedule)
     start = time.monotonic()
     with pytest.raises(KeyError, match=r"stage 1, micro-batch 1 \(forward\)"):
         pipe(torch.randn(6, 8))
@@ -25,9 +25,9 @@ def test_stage_error_in_forward_keeps_its_type_and_says_where(schedule):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_stage_error_in_backward_keeps_its_type(fused):
+def test_stage_error_in_backward_keeps_its_type(fused, make_pipeline):
     model = nn.Sequential(nn.Linear(8, 8), Explode(0, backward=True), nn.Linear(8, 8))
-    pipe = sp.Pipeline(model, ["cpu"] * 3, chunks=2, balance=[1, 1, 1], schedule="1f1b")
+    pipe = make_pipeline(model, ["cpu"] * 3, chunks=2, balance=[1, 1, 1], schedule="1f1b")
     x, t = torch.randn(4, 8), torch.randn(4, 8)
     with pytest.raises(ZeroDivisionError, match=r"stage 1, micro-batch \d \(backward\)"):
         if fused:
@@ -38,8 +38,8 @@ def test_stage_error_in_backward_keeps_its_type(fused):
     pipe(x).sum().backward()
 
 
-def test_loss_fn_errors_reach_the_caller():
-    pipe = sp.Pipeline(mlp(), ["cpu", "cpu"], chunks=2, balance=[3, 3])
+def test_loss_fn_errors_reach_the_caller(make_pipeline):
+    pipe = make_pipeline(mlp(), ["cpu", "cpu"], chunks=2, balance=[3, 3])
     with pytest.raises(TypeError, match="loss_fn must return a Tensor"):
         pipe.train_step(torch.randn(4, 8), torch.randn(4, 3), lambda o, t: 1.0)
     with pytest.raises(ValueError, match="scalar"):

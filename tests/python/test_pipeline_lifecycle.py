@@ -41,7 +41,7 @@ def test_backward_after_close_raises_instead_of_hanging():
 
 
 @pytest.mark.parametrize("where", ["stage", "loss_fn"])
-def test_closing_a_pipeline_from_inside_itself_raises_and_it_stays_usable(where):
+def test_closing_a_pipeline_from_inside_itself_raises_and_it_stays_usable(where, make_pipeline):
     class CloseIt(nn.Module):
         def forward(self, x):
             holder[0].close()
@@ -49,7 +49,7 @@ def test_closing_a_pipeline_from_inside_itself_raises_and_it_stays_usable(where)
 
     holder = []
     layers = [nn.Linear(8, 8), CloseIt() if where == "stage" else nn.Identity(), nn.Linear(8, 2)]
-    pipe = sp.Pipeline(nn.Sequential(*layers), ["cpu", "cpu"], chunks=2, balance=[1, 2])
+    pipe = make_pipeline(nn.Sequential(*layers), ["cpu", "cpu"], chunks=2, balance=[1, 2])
     holder.append(pipe)
 
     def loss_fn(out, target):

@@ -22,20 +22,20 @@ import shardpipe as sp
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
-def test_forward_equals_module_for_every_chunk_count(stages):
+def test_forward_equals_module_for_every_chunk_count(stages, make_pipeline):
     model = mlp().eval()
     x = torch.randn(7, 8)
     want = model(x)
     devices, balance = layout("gpipe", stages)
     for chunks in range(1, x.shape[0] + 2):
-        pipe = sp.Pipeline(model, devices, chunks=chunks, balance=balance)
+        pipe = make_pipeline(model, devices, chunks=chunks, balance=balance)
         torch.testing.assert_close(pipe(x), want, atol=1e-6, rtol=1e-5)
         pipe.close()
 
 
 @pytest.mark.parametrize("schedule,checkpoint", list(itertools.product(SCHEDULES, CHECKPOINTS)))
 @pytest.mark.parametrize("chunks", [1, 3, 8])
-def test_backward_equals_module(schedule, checkpoint, chunks):
+def test_backward_equals_module(schedule, checkpoint, chunks, make_pipeline):
     model = mlp(seed=1)
     x = torch.randn(10, 8, requires_grad=True)  # 10 does not divide by 3 or 8
     target = torch.randn(10, 3)
@@ -47,8 +47,8 @@ def test_backward_equals_module(schedule, checkpoint, chunks):
     x.grad = None
 
     devices, balance = layout(schedule, 4 if schedule == "interleaved" else 3)
-    pipe = sp.Pipeline(model, devices, chunks=chunks, balance=balance, schedule=schedule,
-                       checkpoint=checkpoint)
+    pipe = make_pipeline(model, devices, chunks=chunks, balance=balance, schedule=schedule,
+                         checkpoint=checkpoint)
     nn.functional.mse_loss(pipe(x), target).backward()
     assert_grads_close(grads(model), want)
     torch.testing.assert_close(x.grad, want_x, atol=1e-6, rtol=1e-5)
@@ -98,7 +98,7 @@ class Counted(nn.Module):
 
 @pytest.mark.parametrize("devices", [2, 3, 4])
 @pytest.mark.parametrize("chunks", [8, 16])
-def test_train_step_keeps_activations_within_each_schedules_bound(devices, chunks):
+def test_train_step_keeps_activations_within_each_schedules_bound(devices, chunks, make_pipeline):
     """gpipe keeps every micro-batch alive; 1F1B at most stages - s on stage s; interleaved
     (two virtual stages per device) at most 2 (devices - d - 1) + devices + 1 on device d,
     whatever the number of micro-batches."""
@@ -108,8 +108,8 @@ def test_train_step_keeps_activations_within_each_schedules_bound(devices, chunk
         layers = []
         for s in range(devices * virtual):  # counted after a Linear: its output needs grad
             layers += [nn.Linear(4, 4), Counted(counts[s % devices])]
-        pipe = sp.Pipeline(nn.Sequential(*layers), ["cpu"] * devices, chunks=chunks,
-                           balance=[2] * (devices * virtual), schedule=schedule)
+        pipe = make_pipeline(nn.Sequential(*layers), ["cpu"] * devices, chunks=chunks,
+                             balance=[2] * (devices * virtual), schedule=schedule)
         pipe.train_step(x, y, nn.functional.mse_loss)
         pipe.close()
         peaks = [c.peak for c in counts]
@@ -123,7 +123,7 @@ def test_train_step_keeps_activations_within_each_schedules_bound(devices, chunk
             assert all(p <= b for p, b in zip(peaks, bounds)), (peaks, bounds)
 
 
-def test_train_step_sum_reduction():
+def test_train_step_sum_reduction(make_pipeline):
     model = mlp(seed=2)
     x, target = torch.randn(9, 8), torch.randn(9, 3)
     sum_loss = lambda out, t: ((out - t) ** 2).sum()  # noqa: E731
@@ -131,7 +131,7 @@ def test_train_step_sum_reduction():
     want_loss.backward()
     want = grads(model)
     model.zero_grad()
-    pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=4, balance=[3, 3], schedule="1f1b")
+    pipe = make_pipeline(model, ["cpu", "cpu"], chunks=4, balance=[3, 3], schedule="1f1b")
     loss = pipe.train_step(x, target, sum_loss, loss_reduction="sum")
     torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-5, atol=1e-5)
     assert_grads_close(grads(model), want, atol=1e-4)
@@ -139,7 +139,7 @@ def test_train_step_sum_reduction():
 
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_dropout_agrees_with_micro_batched_baseline(schedule, checkpoint):
+def test_dropout_agrees_with_micro_batched_baseline(schedule, checkpoint, make_pipeline):
     model = mlp(seed=3, dropout=0.5).train()
     x, target = torch.randn(12, 8), torch.randn(12, 3)
     chunks = 4
@@ -151,16 +151,16 @@ def test_dropout_agrees_with_micro_batched_baseline(schedule, checkpoint):
 
     # The dropout (child 2) sits alone in the middle stage: its masks come from the global
     # generator in micro-batch order, as in the baseline.
-    pipe = sp.Pipeline(model, ["cpu"] * 3, chunks=chunks, balance=[2, 1, 4], schedule=schedule,
-                       checkpoint=checkpoint)
+    pipe = make_pipeline(model, ["cpu"] * 3, chunks=chunks, balance=[2, 1, 4], schedule=schedule,
+                         checkpoint=checkpoint)
     torch.manual_seed(10)
     pipe.train_step(x, target, nn.functional.mse_loss)
     assert_grads_close(grads(model), want)
 
 
-def test_eval_and_no_grad_keep_nothing_for_backward():
+def test_eval_and_no_grad_keep_nothing_for_backward(make_pipeline):
     model = mlp(seed=4)
-    pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=2, balance=[3, 3])
+    pipe = make_pipeline(model, ["cpu", "cpu"], chunks=2, balance=[3, 3])
     x = torch.randn(6, 8)
     with torch.no_grad():
         out = pipe(x)
@@ -182,7 +182,7 @@ class Merge(nn.Module):
         return a + b
 
 
-def test_multi_input_stages_and_no_chunk():
+def test_multi_input_stages_and_no_chunk(make_pipeline):
     torch.manual_seed(5)
     model = nn.Sequential(nn.Identity(), TwoInputs(), Merge(), nn.Linear(4, 2))
     x = torch.randn(6, 4, requires_grad=True)
@@ -192,7 +192,7 @@ def test_multi_input_stages_and_no_chunk():
     want_x, want_scale = x.grad.clone(), scale.grad.clone()
     x.grad = scale.grad = None
 
-    pipe = sp.Pipeline(model, ["cpu", "cpu", "cpu"], chunks=3, balance=[2, 1, 1])
+    pipe = make_pipeline(model, ["cpu", "cpu", "cpu"], chunks=3, balance=[2, 1, 1])
     out = pipe(x, sp.NoChunk(scale))
     torch.testing.assert_close(out, want)
     out.sum().backward()
@@ -200,7 +200,7 @@ def test_multi_input_stages_and_no_chunk():
     torch.testing.assert_close(scale.grad, want_scale)
 
 
-def test_deferred_batch_norm_matches_one_full_batch_step():
+def test_deferred_batch_norm_matches_one_full_batch_step(make_pipeline):
     torch.manual_seed(6)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                           nn.Linear(4 * 6 * 6, 2))
@@ -208,8 +208,8 @@ def test_deferred_batch_norm_matches_one_full_batch_step():
     x = torch.randn(8, 3, 8, 8)
     reference(x)  # one full-batch training step's statistics
 
-    pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=4, balance=[2, 3], deferred_batch_norm=True,
-                       checkpoint="always")
+    pipe = make_pipeline(model, ["cpu", "cpu"], chunks=4, balance=[2, 3], deferred_batch_norm=True,
+                         checkpoint="always")
     pipe(x).sum().backward()  # recomputation must not count twice
     bn, ref_bn = model[1], reference[1]
     assert isinstance(bn, sp.DeferredBatchNorm)
@@ -220,13 +220,14 @@ def test_deferred_batch_norm_matches_one_full_batch_step():
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_deferred_batch_norm_deeper_layer_gets_full_batch_statistics_of_its_inputs(schedule):
+def test_deferred_batch_norm_deeper_layer_gets_full_batch_statistics_of_its_inputs(
+        schedule, make_pipeline):
     torch.manual_seed(17)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
                           nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     fresh = copy.deepcopy(model[4])
-    pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=4, balance=[3, 4], schedule=schedule,
-                       deferred_batch_norm=True)
+    pipe = make_pipeline(model, ["cpu", "cpu"], chunks=4, balance=[3, 4], schedule=schedule,
+                         deferred_batch_norm=True)
     seen = []
     model[4].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
     x, y = torch.randn(8, 3, 8, 8), torch.randn(8, 2)
@@ -262,8 +263,8 @@ def test_interleaved_places_stages_round_robin():
     assert "stage 3 on cpu" in repr(pipe)
 
 
-def test_trace_records_every_task():
-    pipe = sp.Pipeline(mlp(seed=11), ["cpu", "cpu"], chunks=4, balance=[3, 3], schedule="1f1b")
+def test_trace_records_every_task(make_pipeline):
+    pipe = make_pipeline(mlp(seed=11), ["cpu", "cpu"], chunks=4, balance=[3, 3], schedule="1f1b")
     x, t = torch.randn(8, 8), torch.randn(8, 3)
     with pipe.record_trace() as trace:
         pipe.train_step(x, t, nn.functional.mse_loss)
@@ -273,10 +274,10 @@ def test_trace_records_every_task():
     assert trace.to_chrome()["traceEvents"]
 
 
-def test_a_frozen_model_gives_an_output_without_grad():
+def test_a_frozen_model_gives_an_output_without_grad(make_pipeline):
     model = mlp()
     model.requires_grad_(False)
-    pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=2, balance=[3, 3])
+    pipe = make_pipeline(model, ["cpu", "cpu"], chunks=2, balance=[3, 3])
     assert not pipe(torch.randn(4, 8)).requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         pipe.train_step(torch.randn(4, 8), torch.randn(4, 3), nn.functional.mse_loss)
