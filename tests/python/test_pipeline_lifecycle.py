@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -28,6 +29,30 @@ def test_deleting_a_pipeline_joins_its_threads():
     del pipe
     gc.collect()
     assert _threads() == before
+
+
+class Sleep(nn.Module):
+    """A task of a few milliseconds: far dearer than handing it to a worker thread."""
+
+    def forward(self, x):
+        time.sleep(0.005)
+        return x
+
+
+@pytest.mark.parametrize("layer,chosen", [(nn.Identity, "caller"), (Sleep, "workers")])
+def test_auto_threads_follow_the_cost_of_a_task_and_keep_the_workers(layer, chosen):
+    gc.collect()
+    before = _threads()
+    pipe = sp.Pipeline(nn.Sequential(layer(), layer(), layer()), ["cpu"] * 3, chunks=4,
+                       balance=[1, 1, 1])
+    assert pipe._engine.threads == "auto"
+    assert _threads() == before + 3  # the workers exist from the start...
+    x = torch.randn(8, 4)
+    for _ in range(2):  # the first call measures the tasks (on the caller), the second chooses
+        torch.testing.assert_close(pipe(x), x)
+    assert pipe._engine.last_threads == chosen
+    assert _threads() == before + 3  # ...and stay, whichever threads ran the tasks
+    pipe.close()
 
 
 def test_backward_after_close_raises_instead_of_hanging():
