@@ -6,6 +6,8 @@ pipeline cuts.
 
 from torch import nn
 
+from ._checks import check_bool
+
 __all__ = []
 
 
@@ -14,8 +16,7 @@ def _blocks(module, nested):
     ``nested`` the children of each child that is a plain ``nn.Sequential`` (named
     ``"layer3.0"``...) in its place, so a stage boundary can fall inside it. The children
     stay where they are, so ``state_dict`` keys do not change."""
-    if not isinstance(nested, bool):
-        raise TypeError(f"nested must be a bool, got {type(nested).__name__}")
+    check_bool(nested, "nested")
     blocks = []
     for name, child in module.named_children():
         if nested and _plain_sequential(child) and len(child) > 0:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ._assemble import _assemble, _hide_from_state_dict
 from ._blocks import _plain_sequential
+from ._checks import check_instance
 from ._fx_split import _split_with_fx
 
 __all__ = ["sequentialize"]
@@ -124,8 +125,7 @@ def sequentialize(model):
         >>> torch.equal(seq(x), model(x)), seq.state_dict().keys() == model.state_dict().keys()
         (True, True)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_instance(model, "model", nn.Module, "a torch.nn.Module")
     if _plain_sequential(model):
         return model
     family = _torchvision_family(model)
