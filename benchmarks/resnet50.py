@@ -68,7 +68,7 @@ from _plots import bars, curves, gantt  # benchmarks/ is on sys.path when a scri
 from torch import nn
 
 import shardpipe as sp
-from shardpipe.sequentialize import _blocks
+from shardpipe._blocks import _blocks
 
 # The main job's choice of devices, so that the benchmark and the example agree.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))

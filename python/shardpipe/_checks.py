@@ -31,6 +31,13 @@ def check_number(value, name, minimum=None):
     return value
 
 
+def check_instance(value, name, cls, what):
+    """``value`` if it is an instance of ``cls``; ``what`` names it ("a torch.Tensor")."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return value
+
+
 def check_bool(value, name):
     """``value`` if it is a bool."""
     if not isinstance(value, bool):

@@ -15,8 +15,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import _C
-from ._checks import as_device
-from .sequentialize import _blocks, sequentialize
+from ._blocks import _blocks
+from ._checks import as_device, check_instance, check_int, check_number
+from .sequentialize import sequentialize
 
 __all__ = ["balance_by_size", "balance_by_time"]
 
@@ -49,10 +50,7 @@ def balance_by_time(model, sample, partitions, device=None, repeats=5, nested=Fa
         >>> shardpipe.balance_by_time(model, torch.rand(32, 64), partitions=2)  # doctest: +SKIP
         [3, 2]
     """
-    if not isinstance(repeats, int) or isinstance(repeats, bool):
-        raise TypeError(f"repeats must be an int, got {type(repeats).__name__}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    check_int(repeats, "repeats", 1)
     layers, sample, partitions, device = _check(model, sample, partitions, device, nested)
 
     def cost(layer, x):
@@ -100,10 +98,7 @@ def balance_by_size(model, sample, partitions, device=None, param_scale=2.0, nes
         >>> shardpipe.balance_by_size(model, torch.rand(4, 8), partitions=3)
         [2, 1, 2]
     """
-    if not isinstance(param_scale, (int, float)) or isinstance(param_scale, bool):
-        raise TypeError(f"param_scale must be a number, got {type(param_scale).__name__}")
-    if not param_scale >= 0:
-        raise ValueError(f"param_scale must be non-negative, got {param_scale}")
+    check_number(param_scale, "param_scale", 0)
     layers, sample, partitions, device = _check(model, sample, partitions, device, nested)
 
     def cost(layer, x):
@@ -127,12 +122,9 @@ def balance_by_size(model, sample, partitions, device=None, param_scale=2.0, nes
 
 
 def _check(model, sample, partitions, device, nested):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(sample, torch.Tensor):
-        raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
-    if not isinstance(partitions, int) or isinstance(partitions, bool):
-        raise TypeError(f"partitions must be an int, got {type(partitions).__name__}")
+    check_instance(model, "model", nn.Module, "a torch.nn.Module")
+    check_instance(sample, "sample", torch.Tensor, "a torch.Tensor")
+    check_int(partitions, "partitions")
     layers = [block for _, block in _blocks(sequentialize(model), nested)]
     what = "blocks" if nested else "children"
     if not 1 <= partitions <= len(layers):

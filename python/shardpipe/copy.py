@@ -3,7 +3,7 @@
 import torch
 from torch.utils import _pytree as pytree
 
-from ._checks import as_device
+from ._checks import as_device, check_bool
 
 __all__ = ["copy_to"]
 
@@ -37,8 +37,7 @@ def copy_to(x, device, non_blocking=True):
         (True, 'a')
     """
     target = as_device(device, "device")
-    if not isinstance(non_blocking, bool):
-        raise TypeError(f"non_blocking must be a bool, got {type(non_blocking).__name__}")
+    check_bool(non_blocking, "non_blocking")
     if isinstance(x, torch.Tensor):
         _check_not_meta(x, target)
         return torch.ops.shardpipe.copy_to([x], target, non_blocking)[0]

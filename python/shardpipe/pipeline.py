@@ -10,9 +10,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import _C, _structure
+from ._blocks import _blocks
 from ._checks import as_device_list, check_bool, check_choice, check_int
 from .batchnorm import DeferredBatchNorm
-from .sequentialize import _blocks
 from .trace import Trace
 
 __all__ = ["Pipeline", "NoChunk"]

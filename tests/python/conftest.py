@@ -1,4 +1,5 @@
-"""Shared pytest setup: the ``cuda`` marker and the devices tests run on.
+"""Shared pytest setup: the ``cuda`` marker, the devices tests run on, and the threads
+that run a pipeline's tasks.
 
 Tests (or parameters) marked ``cuda`` are skipped on a machine without a CUDA device;
 ``pytest -m cuda`` selects exactly them on one that has it.
@@ -6,6 +7,8 @@ Tests (or parameters) marked ``cuda`` are skipped on a machine without a CUDA de
 
 import pytest
 import torch
+
+import shardpipe as sp
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -27,6 +30,28 @@ def pytest_collection_modifyitems(config, items):
 def device(request):
     """Each available device in turn, as a ``torch.device``."""
     return torch.device(request.param)
+
+
+# The engine's private switch of which threads run a phase's tasks. Its default, "auto", keeps
+# them on the calling thread while tasks are as cheap as the tests' tiny models make them, so
+# without this the worker threads would go untested.
+THREADS = ["workers", "caller"]
+
+
+@pytest.fixture(params=THREADS)
+def make_pipeline(request):
+    """``sp.Pipeline(...)`` whose tasks run on the worker threads, or on the caller's."""
+    made = []
+
+    def make(*args, **kwargs):
+        pipe = sp.Pipeline(*args, **kwargs)
+        pipe._engine.threads = request.param
+        made.append(pipe)
+        return pipe
+
+    yield make
+    # The test ran where its id says (each pipeline it made has run at least one phase).
+    assert [p._engine.last_threads for p in made] == [request.param] * len(made)
 
 
 @pytest.fixture(autouse=True)

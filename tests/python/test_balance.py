@@ -178,7 +178,7 @@ def test_bad_arguments_name_the_argument():
         shardpipe.balance_by_time(model, sample, 1, repeats=0)
     with pytest.raises(TypeError, match="repeats must be an int"):
         shardpipe.balance_by_time(model, sample, 1, repeats=2.0)
-    with pytest.raises(ValueError, match="param_scale must be non-negative"):
+    with pytest.raises(ValueError, match="param_scale must be at least 0"):
         shardpipe.balance_by_size(model, sample, 1, param_scale=-1.0)
     with pytest.raises(TypeError, match="param_scale must be a number"):
         shardpipe.balance_by_size(model, sample, 1, param_scale="2")

@@ -1,0 +1,31 @@
+"""The blocks a pipeline cuts into stages: a ``Sequential``'s children, nested ones opened.
+
+Shared by ``Pipeline`` and the balancing helpers, so that ``balance`` counts exactly what the
+pipeline cuts.
+"""
+
+from torch import nn
+
+from ._checks import check_bool
+
+__all__ = []
+
+
+def _blocks(module, nested):
+    """The (name, module) pairs a pipeline cuts into stages: ``module``'s children, and with
+    ``nested`` the children of each child that is a plain ``nn.Sequential`` (named
+    ``"layer3.0"``...) in its place, so a stage boundary can fall inside it. The children
+    stay where they are, so ``state_dict`` keys do not change."""
+    check_bool(nested, "nested")
+    blocks = []
+    for name, child in module.named_children():
+        if nested and _plain_sequential(child) and len(child) > 0:
+            blocks += [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
+        else:
+            blocks.append((name, child))
+    return blocks
+
+
+def _plain_sequential(module):
+    # A subclass with its own forward does more than run its children in order.
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
