@@ -18,9 +18,11 @@ def _blocks(module, nested):
     stay where they are, so ``state_dict`` keys do not change."""
     check_bool(nested, "nested")
     blocks = []
-    for name, child in module.named_children():
+    # Every position, as nn.Sequential runs them: a module used twice is two blocks
+    # (named_children() would list it once).
+    for name, child in module._modules.items():
         if nested and _plain_sequential(child) and len(child) > 0:
-            blocks += [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
+            blocks += [(f"{name}.{sub}", grandchild) for sub, grandchild in child._modules.items()]
         else:
             blocks.append((name, child))
     return blocks

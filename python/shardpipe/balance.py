@@ -33,7 +33,8 @@ def balance_by_time(model, sample, partitions, device=None, repeats=5, nested=Fa
 
     Args:
         model: an ``nn.Sequential``, or a model ``sequentialize`` accepts.
-        sample: an input batch, typically one micro-batch.
+        sample: an input batch, typically one micro-batch: a Tensor, or a tuple of them
+            when the first block takes several inputs (as ``pipe(x, mask)`` passes them).
         partitions: the number of stages.
         device: where to profile; defaults to ``sample``'s device.
         repeats: timed runs per child.
@@ -73,15 +74,18 @@ def balance_by_size(model, sample, partitions, device=None, param_scale=2.0, nes
     """Balance a pipeline by the memory each child holds during training.
 
     A child's cost is ``param_scale`` times the bytes of its parameters, plus the bytes of
-    its buffers, plus its activation memory: the bytes of the tensors its forward saves for
-    backward on ``sample`` (each storage once, parameters excluded), measured with
-    ``torch.autograd.graph.saved_tensors_hooks`` so it works on any device. Children are
-    run as copies in train mode; the model and the global RNG state are left untouched.
+    its buffers, plus its activation memory: the bytes of every tensor its backward keeps
+    alive on ``sample`` (each storage once, parameters excluded): what its forward saves for
+    backward, measured with ``torch.autograd.graph.saved_tensors_hooks`` so it works on any
+    device, and the tensors it creates with ``requires_grad=True`` (leaves of its graph).
+    Children are run as copies in train mode; the model and the global RNG state are left
+    untouched.
     The balance minimises the largest stage.
 
     Args:
         model: an ``nn.Sequential``, or a model ``sequentialize`` accepts.
-        sample: an input batch, typically one micro-batch.
+        sample: an input batch, typically one micro-batch: a Tensor, or a tuple of them
+            when the first block takes several inputs (as ``pipe(x, mask)`` passes them).
         partitions: the number of stages.
         device: where to run the forward; defaults to ``sample``'s device.
         param_scale: bytes per parameter byte: 2.0 counts weights and their gradients;
@@ -114,6 +118,12 @@ def balance_by_size(model, sample, partitions, device=None, param_scale=2.0, nes
         fresh = _fresh(x)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             out = layer(fresh)
+        # Tensors the forward made with requires_grad=True are leaves of its graph, which
+        # keeps them alive until backward although no autograd function saved them.
+        for leaf in _graph_leaves(out):
+            storage = leaf.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
         weights = sum(p.numel() * p.element_size() for p in layer.parameters())
         buffers = sum(b.numel() * b.element_size() for b in layer.buffers())
         return float(param_scale * weights + buffers + sum(saved.values())), out
@@ -121,9 +131,37 @@ def balance_by_size(model, sample, partitions, device=None, param_scale=2.0, nes
     return _C.balance_partition(_profile(layers, sample, device, cost), partitions)
 
 
+def _graph_leaves(value):
+    """The tensors at the leaves of the autograd graph behind ``value``'s tensors."""
+    leaves, seen = [], set()
+    stack = [t.grad_fn for t in pytree.tree_leaves(value)
+             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: holds its leaf
+            leaves.append(node.variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def _check_sample(sample):
+    """``sample`` as given (a Tensor, or a non-empty tuple/list holding tensors, as a pipeline
+    with several inputs gets them) and the device of its first tensor."""
+    if isinstance(sample, torch.Tensor):
+        return sample.device
+    tensors = [t for t in pytree.tree_leaves(sample) if isinstance(t, torch.Tensor)]
+    if not isinstance(sample, (tuple, list)) or not tensors:
+        raise TypeError("sample must be a torch.Tensor or a tuple of them (a first stage's "
+                        f"several inputs), got {type(sample).__name__}")
+    return tensors[0].device
+
+
 def _check(model, sample, partitions, device, nested):
     check_instance(model, "model", nn.Module, "a torch.nn.Module")
-    check_instance(sample, "sample", torch.Tensor, "a torch.Tensor")
+    sample_device = _check_sample(sample)
     check_int(partitions, "partitions")
     layers = [block for _, block in _blocks(sequentialize(model), nested)]
     what = "blocks" if nested else "children"
@@ -132,7 +170,7 @@ def _check(model, sample, partitions, device, nested):
             f"partitions must be between 1 and {len(layers)} (the number of {what} of "
             f"the sequentialized model), got {partitions}"
         )
-    device = sample.device if device is None else as_device(device, "device")
+    device = sample_device if device is None else as_device(device, "device")
     return layers, sample, partitions, device
 
 
@@ -141,7 +179,8 @@ def _profile(layers, sample, device, cost):
     devices = [device] if device.type == "cuda" else []
     costs = []
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        x = sample.detach().to(device)
+        x = pytree.tree_map(
+            lambda t: t.detach().to(device) if isinstance(t, torch.Tensor) else t, sample)
         for i, layer in enumerate(layers):
             layer = copy.deepcopy(layer).to(device).train()
             # Later stages also compute their input's gradient; the first one does not.

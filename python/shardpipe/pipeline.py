@@ -2,6 +2,8 @@
 
 import atexit
 import contextlib
+import itertools
+import operator
 import weakref
 from collections import OrderedDict
 
@@ -61,6 +63,66 @@ def _default_balance(blocks, stages):
     # are spread out too.
     costs = [1.0 + sum(p.numel() for p in block.parameters()) for _, block in blocks]
     return list(_C.balance_partition(costs, stages))
+
+
+def _devices_of(blocks, balance):
+    """``(devices, balance)`` read from where the blocks already are, for a pipeline made
+    without ``devices``: a block's device is that of its parameters and buffers (one with
+    none joins the block before it); a stage is cut wherever the device changes, or, with a
+    ``balance``, each stage's blocks must share one device."""
+    placed = []
+    for name, block in blocks:
+        found = {t.device for t in itertools.chain(block.parameters(), block.buffers())}
+        if len(found) > 1:
+            raise ValueError(f"block {name!r} has tensors on several devices "
+                             f"({', '.join(sorted(map(str, found)))}); give devices=")
+        placed.append(found.pop() if found else None)
+    known = [d for d in placed if d is not None]
+    current = known[0] if known else torch.device("cpu")
+    for k, device in enumerate(placed):
+        if device is not None:
+            current = device
+        placed[k] = current
+    if balance is None:
+        devices, balance = [], []
+        for device in placed:
+            if devices and devices[-1] == device:
+                balance[-1] += 1
+            else:
+                devices.append(device)
+                balance.append(1)
+        return devices, balance
+    devices, start = [], 0
+    for s, size in enumerate(balance):
+        found = set(placed[start:start + size])
+        if len(found) > 1:
+            raise ValueError(f"balance puts blocks on {', '.join(sorted(map(str, found)))} into "
+                             f"stage {s}; without devices= each stage's blocks must share one "
+                             "device")
+        devices.append(found.pop() if found else torch.device("cpu"))
+        start += size
+    return devices, balance
+
+
+def _refuse_sharing_across_devices(blocks, balance, stage_devices):
+    """A module or tensor used by stages on two devices cannot be on both: moving it for the
+    second stage would take it from the first."""
+    owner = {}
+    start = 0
+    for s, (size, device) in enumerate(zip(balance, stage_devices)):
+        for name, block in blocks[start:start + size]:
+            held = [(block, name)]
+            held += [(t, f"{name}.{n}") for n, t in
+                     itertools.chain(block.named_parameters(), block.named_buffers())]
+            for obj, where in held:
+                first = owner.setdefault(id(obj), (s, device, where))
+                if first[1] != device:
+                    raise ValueError(
+                        f"{where} (stage {s}, on {device}) is also used as {first[2]} by stage "
+                        f"{first[0]} on {first[1]}: a module or parameter shared by stages on "
+                        "different devices cannot live on both; put those stages on one device "
+                        "or give each its own copy")
+        start += size
 
 
 def _stage_module(blocks):
@@ -154,7 +216,7 @@ class Pipeline(nn.Module):
         (15, torch.Size([8, 10]))
     """
 
-    def __init__(self, module, devices, chunks=1, balance=None, schedule="gpipe",
+    def __init__(self, module, devices=None, chunks=1, balance=None, schedule="gpipe",
                  checkpoint="never", deferred_batch_norm=False, nested=False):
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -163,26 +225,34 @@ class Pipeline(nn.Module):
             from .sequentialize import sequentialize
 
             module = sequentialize(module)
-        devices = as_device_list(devices, "devices")
         chunks = check_int(chunks, "chunks", 1, 2**31 - 1)
         schedule = check_choice(schedule, "schedule", _C.schedule_names())
         checkpoint = check_choice(checkpoint, "checkpoint", _C.checkpoint_names())
         check_bool(deferred_batch_norm, "deferred_batch_norm")
 
-        blocks = _blocks(module, nested)
-        what = "blocks (children, nested Sequentials opened)" if nested else "children"
-        if balance is None:
-            stages = _C.default_stage_count(schedule, len(devices), len(blocks), what)
-            balance = _default_balance(blocks, stages)
-        if not isinstance(balance, (list, tuple)):
-            raise TypeError(f"balance must be a list of ints, got {type(balance).__name__}")
-        balance = [check_int(b, f"balance[{i}]") for i, b in enumerate(balance)]
-        _C.check_balance(balance, len(blocks), what, len(devices), schedule)
-
         if deferred_batch_norm:
             module = DeferredBatchNorm.convert(module)
-            blocks = _blocks(module, nested)
-        children = list(module.named_children())
+        blocks = _blocks(module, nested)
+        what = "blocks (children, nested Sequentials opened)" if nested else "children"
+        if balance is not None:
+            if not isinstance(balance, (list, tuple)):
+                raise TypeError(f"balance must be a list of ints, got {type(balance).__name__}")
+            balance = [check_int(b, f"balance[{i}]") for i, b in enumerate(balance)]
+        if devices is None:
+            devices, balance = _devices_of(blocks, balance)
+        else:
+            devices = as_device_list(devices, "devices")
+        if blocks and balance is None:
+            stages = _C.default_stage_count(schedule, len(devices), len(blocks), what)
+            balance = _default_balance(blocks, stages)
+        if blocks:
+            _C.check_balance(balance, len(blocks), what, len(devices), schedule)
+            stage_devices, workers = _C.place(schedule, len(balance), [str(d) for d in devices])
+            stage_devices = [torch.device(d) for d in stage_devices]
+            _refuse_sharing_across_devices(blocks, balance, stage_devices)
+        else:
+            balance, stage_devices, workers = [], [], 0
+
         # Parameters and buffers that sequentialize keeps on the Sequential itself (ViT's
         # class token) stay under their own names too; the child using them holds the same
         # objects, so they move with its stage.
@@ -191,28 +261,50 @@ class Pipeline(nn.Module):
         for name, buffer in module.named_buffers(recurse=False):
             self.register_buffer(name, buffer, persistent=name not in
                                  module._non_persistent_buffers_set)
-        for name, child in children:
+        # Every position, a module used twice under each of its names, as in the model's
+        # state_dict.
+        for name, child in module._modules.items():
             self.add_module(name, child)
 
-        stage_devices, workers = _C.place(schedule, len(balance), [str(d) for d in devices])
-        stage_devices = [torch.device(d) for d in stage_devices]
-        stages, start = [], 0
-        for size, device in zip(balance, stage_devices):
-            stages.append(_stage_module(blocks[start:start + size]).to(device))
-            start += size
-        # Stages share the children registered above; kept out of the module tree so that
-        # state_dict keys stay the model's.
-        self.__dict__["_stages"] = tuple(stages)
         self._devices = stage_devices
         self._block_names = [name for name, _ in blocks]
         self._balance = list(balance)
+        self._workers = workers
         self._chunks = chunks
         self._schedule = schedule
         self._checkpoint = checkpoint
-        self._deferred = [m for m in self.modules() if isinstance(m, DeferredBatchNorm)]
-        self._engine = _C.Engine(list(stages), [str(d) for d in stage_devices], workers, chunks,
-                                 schedule, checkpoint)
+        self._build()
+
+    def _build(self):
+        """The stages (nn.Sequential views sharing the registered children, on their
+        devices) and the engine; construction, copies and unpickling come here."""
+        blocks = [(name, self.get_submodule(name)) for name in self._block_names]
+        stages, start = [], 0
+        for size, device in zip(self._balance, self._devices):
+            stages.append(_stage_module(blocks[start:start + size]).to(device))
+            start += size
+        # Kept out of the module tree, so that state_dict keys stay the model's.
+        self.__dict__["_stages"] = tuple(stages)
+        self.__dict__["_deferred"] = [m for m in self.modules()
+                                      if isinstance(m, DeferredBatchNorm)]
+        engine = None
+        if stages:
+            engine = _C.Engine(list(stages), [str(d) for d in self._devices], self._workers,
+                               self._chunks, self._schedule, self._checkpoint)
+        self.__dict__["_engine"] = engine
         _live.add(self)
+
+    def __getstate__(self):
+        # The engine and its threads are this process's; a copy or an unpickled pipeline
+        # makes its own from the same placement.
+        state = self.__dict__.copy()
+        for name in ("_engine", "_stages", "_deferred"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._build()
 
     @property
     def stages(self):
@@ -231,7 +323,38 @@ class Pipeline(nn.Module):
 
     @property
     def chunks(self):
+        """Micro-batches per mini-batch (at most; a smaller batch gives fewer)."""
         return self._chunks
+
+    @property
+    def schedule(self):
+        """The schedule's name: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``..."""
+        return self._schedule
+
+    @property
+    def checkpoint(self):
+        """The checkpoint mode: ``"never"``, ``"except_last"`` or ``"always"``."""
+        return self._checkpoint
+
+    def __len__(self):
+        """The number of children of the wrapped ``nn.Sequential`` (not of stages)."""
+        return len(self._modules)
+
+    def __iter__(self):
+        """The wrapped ``nn.Sequential``'s children, in order."""
+        return iter(self._modules.values())
+
+    def __getitem__(self, index):
+        """A child by position (negative counts from the end), or an ``nn.Sequential`` of the
+        children a slice selects, as on the wrapped ``nn.Sequential``."""
+        children = list(self._modules.items())
+        if isinstance(index, slice):
+            return nn.Sequential(OrderedDict(children[index]))
+        index = operator.index(index)
+        if not -len(children) <= index < len(children):
+            raise IndexError(f"index {index} is out of range for a pipeline of "
+                             f"{len(children)} children")
+        return children[index][1]
 
     def extra_repr(self):
         parts = []
@@ -245,7 +368,10 @@ class Pipeline(nn.Module):
         return head + "\n" + "\n".join(parts)
 
     def forward(self, *inputs):
-        """Run the pipeline; returns the last stage's output (a Tensor or a tuple)."""
+        """Run the pipeline; returns the last stage's output as the stage returned it (its
+        tensors concatenated over the micro-batches)."""
+        if self._engine is None:  # an empty nn.Sequential is the identity
+            return inputs[0] if len(inputs) == 1 else inputs
         tensors, batched, spec = _flatten_inputs(inputs)
         output = self._engine.forward(tensors, batched, spec, self.training)
         if self._deferred:
@@ -286,6 +412,10 @@ class Pipeline(nn.Module):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS)
+        if self._engine is None:
+            loss = loss_fn(input, target)
+            loss.backward()
+            return loss.detach()
         loss = self._engine.train_step(tensors, batched, spec, targets, loss_fn,
                                        loss_reduction == "sum", self.training)
         self._commit_batch_norm()
@@ -311,6 +441,9 @@ class Pipeline(nn.Module):
             >>> trace.save("pipeline.json")   # doctest: +SKIP
         """
         trace = Trace()
+        if self._engine is None:
+            yield trace
+            return
         self._engine.take_trace()
         self._engine.set_tracing(True)
         try:

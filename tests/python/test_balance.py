@@ -169,7 +169,9 @@ def test_bad_arguments_name_the_argument():
         with pytest.raises(TypeError, match="partitions must be an int"):
             balance_by(model, sample, 1.5)
         with pytest.raises(TypeError, match="sample must be a torch.Tensor"):
-            balance_by(model, [sample], 1)
+            balance_by(model, "x", 1)
+        with pytest.raises(TypeError, match="sample must be a torch.Tensor"):
+            balance_by(model, [], 1)
         with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
             balance_by(len, sample, 1)
         with pytest.raises(ValueError, match="device"):
@@ -182,3 +184,36 @@ def test_bad_arguments_name_the_argument():
         shardpipe.balance_by_size(model, sample, 1, param_scale=-1.0)
     with pytest.raises(TypeError, match="param_scale must be a number"):
         shardpipe.balance_by_size(model, sample, 1, param_scale="2")
+
+
+class TwoInputs(nn.Module):
+    def forward(self, inputs):
+        x, mask = inputs
+        return x * mask
+
+
+class MakesALeaf(nn.Module):
+    """Creates a large tensor with requires_grad=True in forward: the graph keeps it alive
+    although no autograd function saves it."""
+
+    def forward(self, x):
+        scale = torch.ones(x.shape[0], 4096, requires_grad=True)
+        return (x.sum(1, keepdim=True) + scale).sum(1, keepdim=True).expand(-1, 8)
+
+
+def test_a_tuple_sample_feeds_a_first_block_with_several_inputs():
+    model = nn.Sequential(TwoInputs(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    sample = (torch.randn(4, 8), torch.ones(4, 8))
+    for balance_by in (shardpipe.balance_by_time, shardpipe.balance_by_size):
+        balance = balance_by(model, sample, 2)
+        assert sum(balance) == 4 and len(balance) == 2
+    pipe = shardpipe.Pipeline(model, ["cpu", "cpu"], chunks=2, balance=balance)
+    torch.testing.assert_close(pipe(*sample), model(sample))
+
+
+def test_size_counts_tensors_a_forward_creates_with_requires_grad():
+    model = nn.Sequential(nn.Linear(8, 8), MakesALeaf(), nn.Linear(8, 8), nn.Linear(8, 8))
+    sample = torch.randn(16, 8)
+    # 16 x 4096 floats kept by the graph of the second block outweigh everything else.
+    assert shardpipe.balance_by_size(model, sample, 2, param_scale=0.0) == [2, 2]
+    assert shardpipe.balance_by_size(model, sample, 3, param_scale=0.0)[1] == 1

@@ -137,23 +137,6 @@ void StageWorker::forward(Step& step, int i) {
 Activations StageWorker::recompute(Step& step, int i, Slot& slot) {
   RecomputeGuard recomputing;
   at::AutoGradMode grad_mode(true);
-  // The buffers as the forward found them, for the time of the recomputation. Written
-  // through an alias with a version counter of its own: the recomputed graph may save a
-  // buffer (batch norm saves its running statistics) and must not find it "modified".
-  std::vector<at::Tensor> now;
-  {
-    at::NoGradGuard no_grad;
-    for (auto& [buffer, seen] : slot.buffers_seen) {
-      now.push_back(buffer.clone());
-      buffer.variable_data().copy_(seen);
-    }
-  }
-  auto put_back = [&] {
-    at::NoGradGuard no_grad;
-    for (size_t k = 0; k < now.size(); ++k) {
-      slot.buffers_seen[k].first.variable_data().copy_(now[k]);
-    }
-  };
   auto run = [&] {
     StructurePtr structure = slot.input_structure;
     return call(step, i, slot.input, slot.input_has_grad, structure);
@@ -173,30 +156,50 @@ Activations StageWorker::recompute(Step& step, int i, Slot& slot) {
                 "cannot replay them and its gradients would be wrong; run the step again");
     return out;
   };
-  Activations out;
-  try {
-    if (draws_ != Draws::kNo) {
-      out = replay_locked();
-    } else {
-      // A stage that drew nothing so far runs unlocked; an unchanged generator proves it
-      // still draws nothing. Otherwise someone drew: make sure, under the lock.
-      const RngState start = RngState::capture(device_);
-      out = run();
-      if (!RngState::capture(device_).same_as(start)) {
-        out.clear();
-        out = replay_locked();
-      }
-    }
-  } catch (...) {
-    put_back();
-    throw;
-  }
-  put_back();
-  return out;
+  if (draws_ != Draws::kNo) return replay_locked();
+  // A stage that drew nothing so far runs unlocked; an unchanged generator proves it still
+  // draws nothing. Otherwise someone drew: make sure, under the lock.
+  const RngState start = RngState::capture(device_);
+  Activations out = run();
+  if (RngState::capture(device_).same_as(start)) return out;
+  out.clear();
+  return replay_locked();
 }
+
+namespace {
+
+// Gives a recomputation the buffers its forward found (batch-norm statistics, counters) and
+// puts the present values back once the recomputed graph has been used: its backward may
+// read a buffer it saved, which must then hold what the recomputation made of it. Both
+// writes go through an alias with a version counter of its own: the other micro-batches'
+// graphs, which may have saved these buffers too, find them unchanged in value and version.
+class BuffersAsSeen {
+ public:
+  explicit BuffersAsSeen(std::vector<std::pair<at::Tensor, at::Tensor>>& seen) : seen_(seen) {
+    at::NoGradGuard no_grad;
+    for (auto& [buffer, value] : seen_) {
+      now_.push_back(buffer.clone());
+      buffer.variable_data().copy_(value);
+    }
+  }
+  ~BuffersAsSeen() {
+    at::NoGradGuard no_grad;
+    for (size_t k = 0; k < now_.size(); ++k) seen_[k].first.variable_data().copy_(now_[k]);
+  }
+  BuffersAsSeen(const BuffersAsSeen&) = delete;
+  BuffersAsSeen& operator=(const BuffersAsSeen&) = delete;
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>>& seen_;
+  std::vector<at::Tensor> now_;
+};
+
+}  // namespace
 
 void StageWorker::backward(Step& step, int i) {
   Slot& slot = step.at(stage_, i);
+  std::optional<BuffersAsSeen> buffers;
+  if (slot.checkpointed) buffers.emplace(slot.buffers_seen);
   Activations outputs = slot.checkpointed ? recompute(step, i, slot) : std::move(slot.output);
   std::vector<at::Tensor> roots, grads;
   if (step.fused && last_) {
@@ -224,6 +227,7 @@ void StageWorker::backward(Step& step, int i) {
   slot.input.clear();
   slot.input_structure.reset();
   slot.input_has_grad.clear();
+  buffers.reset();
   slot.buffers_seen.clear();
   slot.rng = RngState();
   slot.rng_after = RngState();
