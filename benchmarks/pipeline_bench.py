@@ -219,6 +219,46 @@ def efficiency(width, depth, batch, chunks, repeats, trace_path=None):
         torch.set_num_threads(threads)
 
 
+class Sleep(nn.Module):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x * 1.0
+
+
+def checkpoint_concurrency(width, depth, batch, chunks, repeats):
+    """Forward (grad on) of two CPU stages with checkpoint="except_last" against "never":
+    stages that draw no random numbers must stay concurrent. Matmul stages (one intra-op
+    thread each) and sleeping stages (robust to a noisy machine). Returns speed ratios."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ratios = {}
+        x = torch.randn(batch, width, requires_grad=True)
+        models = {
+            "matmul stages": nn.Sequential(block(width, depth), block(width, depth)),
+            "sleeping stages (20 ms)": nn.Sequential(Sleep(0.02), Sleep(0.02)),
+        }
+        for name, model in models.items():
+            pipes = {}
+            for checkpoint in ("never", "except_last"):
+                pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=chunks, balance=[1, 1],
+                                   checkpoint=checkpoint)
+                pipe._engine.threads = "workers"
+                pipes[checkpoint] = pipe
+            times = interleaved({k: (lambda p=p: p(x)) for k, p in pipes.items()},
+                                repeats if name == "matmul stages" else 3)
+            ratios[name] = times["never"] / times["except_last"]
+            for pipe in pipes.values():
+                pipe.close()
+        return ratios
+    finally:
+        torch.set_num_threads(threads)
+
+
 def resnet50_on_one_gpu(batch, chunks, repeats):
     """ResNet-50 training step, 2 pipeline stages on one GPU vs the plain model: images/s
     and peak allocated bytes of one step, for the plain model and each schedule."""
@@ -302,6 +342,8 @@ def main():
         speedup_rows.append(("  same as above vs the ideal at that ceiling", same_work,
                              machine_ideal(ceiling, chunks)))
     rows += [(name, ours, base, ours / base) for name, ours, base in speedup_rows]
+    for name, ratio in checkpoint_concurrency(width, depth, batch, chunks, repeats).items():
+        rows.append((f"checkpoint except_last vs never, forward, {name}", ratio, 1.0, ratio))
 
     print(f"{'measure':<58} {'shardpipe':>10} {'baseline':>10} {'ratio':>7}")
     for name, ours, base, ratio in rows:
@@ -319,6 +361,8 @@ def main():
     print("ceiling rows: each stage on its own thread over all micro-batches, no dependencies,"
           " against the micro-batches one by one; the ideal at that ceiling is"
           " m/(1+(m-1)/ceiling)")
+    print("checkpoint rows: speed of checkpoint='except_last' relative to 'never' (forward with"
+          " grad, 2 cpu stages on workers); stages that draw no random numbers run unlocked")
     if bubble is not None:
         print(f"measured bubble fraction (1f1b, {chunks} mb): {bubble:.2f}; timeline in {args.out}")
 
