@@ -162,12 +162,15 @@ class Pipeline(nn.Module):
     """Run an ``nn.Sequential`` as a pipeline over devices, micro-batch by micro-batch.
 
     The model's children are split into consecutive stages (``balance`` children each), each
-    stage moved to its device and run by a worker thread of the C++ engine; every mini-batch
+    stage moved to its device and run by the C++ engine; every mini-batch
     is split into ``chunks`` micro-batches along dim 0 (like ``torch.chunk``) that flow
     through the stages under ``schedule``. ``pipe(x)`` returns the output on the last stage's
     device and ``loss.backward()`` runs a pipelined backward, so a training loop stays as it
     is. Gradients equal those of the same model run on the same micro-batches one after
-    another (without batch-dependent layers: the full-batch gradients).
+    another (without batch-dependent layers: the full-batch gradients). As on the
+    ``nn.Sequential``, ``len(pipe)``, ``pipe[i]``, slices and iteration give its children;
+    what flows between stages keeps its structure (tuples, lists, dicts, values that are not
+    tensors); a deep copy or an unpickled pipeline is an independent working one.
 
     Args:
         module: an ``nn.Sequential``, or a model that :func:`shardpipe.sequentialize` can
@@ -176,7 +179,9 @@ class Pipeline(nn.Module):
         devices: one device per stage. ``"cpu"`` may repeat (each CPU stage gets its own
             worker thread), and so may a GPU (its stages overlap on separate streams). With
             ``schedule="interleaved"``, ``balance`` may list several stages per device:
-            stage ``s`` runs on ``devices[s % len(devices)]``.
+            stage ``s`` runs on ``devices[s % len(devices)]``. Omitted: read from where the
+            children already are (their parameters and buffers), a stage cut wherever the
+            device changes.
         chunks: micro-batches per mini-batch; a smaller batch runs one sample per
             micro-batch.
         balance: how many children (blocks, with ``nested=True``) each stage gets
@@ -185,9 +190,10 @@ class Pipeline(nn.Module):
         schedule: ``"gpipe"`` (fill-drain), ``"1f1b"`` (with :meth:`train_step`: at most
             ``stages`` micro-batches of activations alive per stage) or ``"interleaved"``
             (1F1B over several virtual stages per device; default two per device).
-        checkpoint: ``"never"``, ``"except_last"`` or ``"always"``: recompute a stage's
-            forward during backward instead of keeping its activations, replaying the
-            random-number state so dropout agrees.
+        checkpoint: ``"never"``, ``"except_last"`` or ``"always"``: in training mode,
+            recompute a stage's forward during backward instead of keeping its activations,
+            replaying the random-number state so dropout agrees and the buffers the forward
+            saw, which the recomputation leaves as they were.
         deferred_batch_norm: replace BatchNorm layers by :class:`DeferredBatchNorm`, so the
             running statistics after a step equal those of one full-batch step.
         nested: cut at a finer grain: a child that is a plain ``nn.Sequential`` (ResNet's
