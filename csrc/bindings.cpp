@@ -18,6 +18,7 @@
 #include "shardpipe/pipeline/executor.h"
 #include "shardpipe/pipeline/placement.h"
 #include "shardpipe/pipeline/schedule.h"
+#include "shardpipe/tensor_parallel/sharded_linear.h"
 
 namespace py = pybind11;
 using shardpipe::Activations;
@@ -242,6 +243,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("balance_partition", &shardpipe::balance_partition, py::arg("costs"), py::arg("partitions"),
         "Group sizes splitting `costs` into `partitions` contiguous groups with the smallest "
         "largest group cost (ties: most even sizes, then lexicographically smallest).");
+
+  // Tensor parallel: the C++ core's rules, for python/shardpipe/sharded_linear.py.
+  m.def("_set_collective_overlap", &shardpipe::set_collective_overlap, py::arg("on"),
+        "Private measurement switch (benchmarks, tests): False makes the process-group layers' "
+        "backward wait for each collective at once instead of overlapping it with the weight "
+        "gradient. Default True.");
+  m.def("_collective_overlap", &shardpipe::collective_overlap,
+        "Whether the process-group layers' backward overlaps its collectives (see "
+        "_set_collective_overlap).");
 
   m.def("is_recomputing", &shardpipe::is_recomputing,
         "True while this thread recomputes a checkpointed forward.");

@@ -132,7 +132,6 @@ class _ParallelLinear(nn.Module):
             self._check_group_agrees(bias, dtype, cls)
         self.shard_sizes = tuple(_shard_sizes(split_total, placement.num_shards))
         self._offsets = tuple(sum(self.shard_sizes[:i]) for i in range(placement.num_shards))
-        self._overlap = True  # benchmark knob: False waits for each backward collective at once
 
         if source is None:
             # Drawn exactly as nn.Linear draws it, on the same device, then split.
@@ -503,7 +502,7 @@ class ColumnParallelLinear(_ParallelLinear):
             bias = self.bias_shards[0] if self._has_bias else None
             return torch.ops.shardpipe.column_parallel_linear_group(
                 x, self.weight_shards[0], bias, self.gather_output, list(self.shard_sizes),
-                p.rank, p.group_name, self._overlap, self.chunks,
+                p.rank, p.group_name, self.chunks,
             )
         outs = torch.ops.shardpipe.column_parallel_linear(
             x, list(self.weight_shards), list(self.bias_shards), self.gather_output
@@ -595,7 +594,7 @@ class RowParallelLinear(_ParallelLinear):
         if p.group is not None:
             return torch.ops.shardpipe.row_parallel_linear_group(
                 x, self.weight_shards[0], self.bias, self.input_is_parallel,
-                list(self.shard_sizes), p.rank, p.group_name, self._overlap, self.chunks,
+                list(self.shard_sizes), p.rank, p.group_name, self.chunks,
             )
         return torch.ops.shardpipe.row_parallel_linear(
             [x], list(self.weight_shards), self.bias, False, x.device

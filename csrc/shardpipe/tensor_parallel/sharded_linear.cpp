@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <functional>
 #include <numeric>
 #include <tuple>
@@ -14,6 +15,15 @@
 #include "shardpipe/tensor_parallel/shard_threads.h"
 
 namespace shardpipe {
+
+namespace {
+// Atomic: backwards read it on whichever thread autograd runs them.
+std::atomic<bool> overlap_backward_collectives{true};
+}  // namespace
+
+void set_collective_overlap(bool on) { overlap_backward_collectives.store(on); }
+
+bool collective_overlap() { return overlap_backward_collectives.load(); }
 
 std::vector<int64_t> shard_sizes(int64_t total, int64_t shards) {
   TORCH_CHECK(shards >= 1 && shards <= total, "shard_sizes: cannot split ", total,
@@ -275,7 +285,7 @@ at::Tensor column_parallel_linear_group_kernel(const at::Tensor& x, const at::Te
                                                const std::optional<at::Tensor>& bias,
                                                bool gather_output, at::IntArrayRef shard_sizes,
                                                int64_t rank, c10::string_view group_name,
-                                               bool /*overlap: backward only*/, int64_t chunks) {
+                                               int64_t chunks) {
   const char* op = "column_parallel_linear_group";
   check_group(op, shard_sizes, rank);
   check_weights(op, weight);
@@ -294,7 +304,7 @@ at::Tensor column_parallel_linear_group_kernel(const at::Tensor& x, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_group_backward_kernel(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
     bool gather_output, at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
-    bool overlap, Mask mask) {
+    Mask mask) {
   const char* op = "_column_parallel_linear_group_backward";
   check_group(op, shard_sizes, rank);
   const bool distributed = shard_sizes.size() > 1;
@@ -309,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_group_back
     auto partial = linear_input_grad(g, weight);
     input_grad = distributed ? all_reduce_sum(partial, std::string(group_name))
                              : PendingCollective::ready(partial);
-    if (!overlap) input_grad.wait();
+    if (!collective_overlap()) input_grad.wait();
   }
   at::Tensor weight_grad = mask[1] ? linear_weight_grad(g, x) : at::Tensor();
   at::Tensor bias_grad = mask[2] && has_bias ? linear_bias_grad(g) : at::Tensor();
@@ -326,7 +336,7 @@ at::Tensor row_parallel_linear_group_kernel(const at::Tensor& x, const at::Tenso
                                             const std::optional<at::Tensor>& bias,
                                             bool input_is_parallel, at::IntArrayRef shard_sizes,
                                             int64_t rank, c10::string_view group_name,
-                                            bool /*overlap: backward only*/, int64_t chunks) {
+                                            int64_t chunks) {
   const char* op = "row_parallel_linear_group";
   check_group(op, shard_sizes, rank);
   check_weights(op, weight);
@@ -351,7 +361,7 @@ at::Tensor row_parallel_linear_group_kernel(const at::Tensor& x, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_parallel_linear_group_backward_kernel(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
     bool input_is_parallel, at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
-    bool overlap, Mask mask) {
+    Mask mask) {
   const char* op = "_row_parallel_linear_group_backward";
   check_group(op, shard_sizes, rank);
   const bool distributed = shard_sizes.size() > 1;
@@ -364,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_parallel_linear_group_backwar
     input_grad = distributed && !input_is_parallel
                      ? all_gather_last_dim(mine, shard_sizes.vec(), std::string(group_name))
                      : PendingCollective::ready(mine);
-    if (!overlap) input_grad.wait();
+    if (!collective_overlap()) input_grad.wait();
   }
   at::Tensor weight_grad = mask[1] ? linear_weight_grad(grad, local) : at::Tensor();
   at::Tensor bias_grad = mask[2] && has_bias ? linear_bias_grad(grad) : at::Tensor();
@@ -410,12 +420,12 @@ const auto& row_backward_op() {
 
 using GroupForward = at::Tensor(const at::Tensor&, const at::Tensor&,
                                 const std::optional<at::Tensor>&, bool, at::IntArrayRef, int64_t,
-                                c10::string_view, bool, int64_t);
+                                c10::string_view, int64_t);
 using GroupBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
                                                                      const at::Tensor&,
                                                                      const at::Tensor&, bool, bool,
                                                                      at::IntArrayRef, int64_t,
-                                                                     c10::string_view, bool, Mask);
+                                                                     c10::string_view, Mask);
 
 const auto& column_group_op() {
   static const auto op = find_op("shardpipe::column_parallel_linear_group").typed<GroupForward>();
@@ -453,16 +463,15 @@ at::Tensor group_forward(const c10::TypedOperatorHandle<GroupForward>& op, Autog
                          const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, bool flag,
                          at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
-                         bool overlap, int64_t chunks) {
+                         int64_t chunks) {
   ctx->save_for_backward({x, weight});
   ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
   ctx->saved_data["flag"] = flag;
   ctx->saved_data["shard_sizes"] = shard_sizes.vec();
   ctx->saved_data["rank"] = rank;
   ctx->saved_data["group_name"] = std::string(group_name);
-  ctx->saved_data["overlap"] = overlap;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(x, weight, bias, flag, shard_sizes, rank, group_name, overlap, chunks);
+  return op.call(x, weight, bias, flag, shard_sizes, rank, group_name, chunks);
 }
 
 variable_list group_backward(const c10::TypedOperatorHandle<GroupBackward>& op,
@@ -473,11 +482,11 @@ variable_list group_backward(const c10::TypedOperatorHandle<GroupBackward>& op,
                   has_bias && ctx->needs_input_grad(2)};
   const auto sizes = ctx->saved_data["shard_sizes"].toIntVector();
   const auto group_name = ctx->saved_data["group_name"].toStringRef();
-  auto [input_grad, weight_grad, bias_grad] = op.call(
-      grads[0], saved[0], saved[1], has_bias, ctx->saved_data["flag"].toBool(), sizes,
-      ctx->saved_data["rank"].toInt(), group_name, ctx->saved_data["overlap"].toBool(), mask);
-  // x, weight, bias, flag, shard_sizes, rank, group_name, overlap, chunks
-  return {input_grad, weight_grad, bias_grad, {}, {}, {}, {}, {}, {}};
+  auto [input_grad, weight_grad, bias_grad] =
+      op.call(grads[0], saved[0], saved[1], has_bias, ctx->saved_data["flag"].toBool(), sizes,
+              ctx->saved_data["rank"].toInt(), group_name, mask);
+  // x, weight, bias, flag, shard_sizes, rank, group_name, chunks
+  return {input_grad, weight_grad, bias_grad, {}, {}, {}, {}, {}};
 }
 
 }  // namespace
@@ -570,9 +579,9 @@ class ColumnParallelLinearGroupFunction
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool gather_output,
                             at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
-                            bool overlap, int64_t chunks) {
+                            int64_t chunks) {
     return group_forward(column_group_op(), ctx, x, weight, bias, gather_output, shard_sizes, rank,
-                         group_name, overlap, chunks);
+                         group_name, chunks);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return group_backward(column_group_backward_op(), ctx, grads);
@@ -585,9 +594,9 @@ class RowParallelLinearGroupFunction
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool input_is_parallel,
                             at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
-                            bool overlap, int64_t chunks) {
+                            int64_t chunks) {
     return group_forward(row_group_op(), ctx, x, weight, bias, input_is_parallel, shard_sizes, rank,
-                         group_name, overlap, chunks);
+                         group_name, chunks);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return group_backward(row_group_backward_op(), ctx, grads);
@@ -611,18 +620,18 @@ at::Tensor column_parallel_linear_group_autograd(const at::Tensor& x, const at::
                                                  const std::optional<at::Tensor>& bias,
                                                  bool gather_output, at::IntArrayRef shard_sizes,
                                                  int64_t rank, c10::string_view group_name,
-                                                 bool overlap, int64_t chunks) {
+                                                 int64_t chunks) {
   return ColumnParallelLinearGroupFunction::apply(x, weight, bias, gather_output, shard_sizes, rank,
-                                                  group_name, overlap, chunks);
+                                                  group_name, chunks);
 }
 
 at::Tensor row_parallel_linear_group_autograd(const at::Tensor& x, const at::Tensor& weight,
                                               const std::optional<at::Tensor>& bias,
                                               bool input_is_parallel, at::IntArrayRef shard_sizes,
                                               int64_t rank, c10::string_view group_name,
-                                              bool overlap, int64_t chunks) {
+                                              int64_t chunks) {
   return RowParallelLinearGroupFunction::apply(x, weight, bias, input_is_parallel, shard_sizes,
-                                               rank, group_name, overlap, chunks);
+                                               rank, group_name, chunks);
 }
 
 }  // namespace
@@ -643,18 +652,17 @@ at::Tensor row_parallel_linear(at::TensorList xs, at::TensorList weights,
 at::Tensor column_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, bool gather_output,
                                         at::IntArrayRef shard_sizes, int64_t rank,
-                                        const std::string& group_name, bool overlap,
-                                        int64_t chunks) {
+                                        const std::string& group_name, int64_t chunks) {
   return column_group_op().call(x, weight, bias, gather_output, shard_sizes, rank, group_name,
-                                overlap, chunks);
+                                chunks);
 }
 
 at::Tensor row_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, bool input_is_parallel,
                                      at::IntArrayRef shard_sizes, int64_t rank,
-                                     const std::string& group_name, bool overlap, int64_t chunks) {
+                                     const std::string& group_name, int64_t chunks) {
   return row_group_op().call(x, weight, bias, input_is_parallel, shard_sizes, rank, group_name,
-                             overlap, chunks);
+                             chunks);
 }
 
 TORCH_LIBRARY_IMPL(shardpipe, CompositeExplicitAutograd, m) {

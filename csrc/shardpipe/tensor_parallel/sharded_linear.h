@@ -51,24 +51,28 @@ at::Tensor row_parallel_linear(at::TensorList xs, at::TensorList weights,
 
 // Process group: this rank (`rank` of shard_sizes.size()) holds `weight`, rows
 // [offset_rank, offset_rank + shard_sizes[rank]) of the full weight, and the matching bias.
-// overlap: in backward, start the input-gradient all-reduce before computing the weight
-// gradient and wait for it last; false waits at once (to measure what overlap gains).
+// In backward the input-gradient all-reduce runs while the weight gradient is computed.
 // chunks: with gather_output, split the flattened batch into this many pieces so that the
 // all-gather of one piece runs while the next is multiplied.
 at::Tensor column_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, bool gather_output,
                                         at::IntArrayRef shard_sizes, int64_t rank,
-                                        const std::string& group_name, bool overlap = true,
-                                        int64_t chunks = 1);
+                                        const std::string& group_name, int64_t chunks = 1);
 
 // Process group: this rank holds columns [offset_rank, ...) of the full weight; the bias is
-// whole on every rank. overlap: in backward (input_is_parallel false), start the all-gather of
-// the input gradient before computing the weight gradient. chunks: split the flattened batch
+// whole on every rank. In backward (input_is_parallel false) the all-gather of the input
+// gradient runs while the weight gradient is computed. chunks: split the flattened batch
 // into this many pieces so that the all-reduce of one piece runs while the next is multiplied.
 at::Tensor row_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, bool input_is_parallel,
                                      at::IntArrayRef shard_sizes, int64_t rank,
-                                     const std::string& group_name, bool overlap = true,
-                                     int64_t chunks = 1);
+                                     const std::string& group_name, int64_t chunks = 1);
+
+// A measurement switch for the whole process, private to benchmarks and tests: whether the
+// process-group layers' backward starts its collective before the weight-gradient matmul and
+// waits for it last (true, the default) or waits for it at once (false, to measure what the
+// overlap gains). Read when a backward runs; the gradients are the same either way.
+void set_collective_overlap(bool on);
+bool collective_overlap();
 
 }  // namespace shardpipe
