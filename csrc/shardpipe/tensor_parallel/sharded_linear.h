@@ -19,22 +19,11 @@ namespace shardpipe {
 // Two ways to place the shards:
 // - one process, several devices: `weights[i]` lives on its own device (devices may repeat);
 //   every shard runs on its own thread (run_on_shards) and communication is copy_to onto the
-//   output device, then cat or sum there.
+//   output device, then cat or sum there (local_linear.cpp).
 // - one shard per rank of a torch.distributed process group (`group_name`); communication is
-//   the group's all-gather / all-reduce (collectives.h).
-// Sizes of shards differ by at most one (shard_sizes).
-
-// Sizes of `shards` pieces of `total` features: the first total % shards pieces are one
-// larger. Needs 1 <= shards <= total.
-std::vector<int64_t> shard_sizes(int64_t total, int64_t shards);
-// Start of every piece: the exclusive prefix sums of `sizes`.
-std::vector<int64_t> shard_offsets(at::IntArrayRef sizes);
-
-// The gradients of one shard's y = linear(x, weight, bias), with the same aten calls
-// nn.Linear's autograd makes, so that a single shard matches nn.Linear bit for bit.
-at::Tensor linear_input_grad(const at::Tensor& grad, const at::Tensor& weight);
-at::Tensor linear_weight_grad(const at::Tensor& grad, const at::Tensor& input);
-at::Tensor linear_bias_grad(const at::Tensor& grad);
+//   the group's all-gather / all-reduce (collectives.h, group_linear.cpp).
+// Sizes of shards differ by at most one (shard_sizes, linear_math.h). The autograd of every
+// operator is C++ (sharded_linear.cpp).
 
 // --- Operators (through the dispatcher; differentiable) ------------------------------------
 
@@ -68,7 +57,7 @@ at::Tensor row_parallel_linear_group(const at::Tensor& x, const at::Tensor& weig
                                      at::IntArrayRef shard_sizes, int64_t rank,
                                      const std::string& group_name, int64_t chunks = 1);
 
-// A measurement switch for the whole process, private to benchmarks and tests: whether the
+// A measurement switch, private to benchmarks and tests, for the whole process: whether the
 // process-group layers' backward starts its collective before the weight-gradient matmul and
 // waits for it last (true, the default) or waits for it at once (false, to measure what the
 // overlap gains). Read when a backward runs; the gradients are the same either way.
