@@ -46,8 +46,7 @@ at::Tensor in_chunks(const at::Tensor& x, int64_t chunks, int64_t out_width,
   if (pieces == 1) return communicate(compute(x)).wait();
   std::vector<PendingCollective> pending;
   int64_t start = 0;
-  for (int64_t k = 0; k < pieces; ++k) {
-    const int64_t len = n / pieces + (k < n % pieces ? 1 : 0);
+  for (const int64_t len : shard_sizes(n, pieces)) {
     pending.push_back(communicate(compute(rows.narrow(0, start, len))));
     start += len;
   }
