@@ -18,6 +18,7 @@
 #include "shardpipe/pipeline/executor.h"
 #include "shardpipe/pipeline/placement.h"
 #include "shardpipe/pipeline/schedule.h"
+#include "shardpipe/tensor_parallel/linear_math.h"
 #include "shardpipe/tensor_parallel/sharded_linear.h"
 
 namespace py = pybind11;
@@ -245,6 +246,18 @@ PYBIND11_MODULE(_C, m) {
         "largest group cost (ties: most even sizes, then lexicographically smallest).");
 
   // Tensor parallel: the C++ core's rules, for python/shardpipe/sharded_linear.py.
+  m.def(
+      "shard_sizes",
+      [](int64_t total, int64_t shards) {
+        try {
+          return shardpipe::shard_sizes(total, shards);
+        } catch (const c10::Error& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      py::arg("total"), py::arg("shards"),
+      "Sizes of `shards` pieces of `total` features, the first total % shards one larger "
+      "(ValueError unless 1 <= shards <= total).");
   m.def("_set_collective_overlap", &shardpipe::set_collective_overlap, py::arg("on"),
         "Private measurement switch (benchmarks, tests): False makes the process-group layers' "
         "backward wait for each collective at once instead of overlapping it with the weight "

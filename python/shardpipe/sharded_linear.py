@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _C
 from ._checks import as_device_list, check_bool, check_dtype, check_int
 from .sharded_tensor import ShardedTensor, assemble, disassemble
 
@@ -45,10 +46,6 @@ class Shard(NamedTuple):
     tensor: torch.Tensor
     offsets: tuple
     full_shape: tuple
-
-
-def _shard_sizes(total, shards):
-    return [total // shards + (1 if i < total % shards else 0) for i in range(shards)]
 
 
 def _group_device(group):
@@ -130,7 +127,7 @@ class _ParallelLinear(nn.Module):
         self._placement = placement
         if placement.group is not None:
             self._check_group_agrees(bias, dtype, cls)
-        self.shard_sizes = tuple(_shard_sizes(split_total, placement.num_shards))
+        self.shard_sizes = tuple(_C.shard_sizes(split_total, placement.num_shards))
         self._offsets = tuple(sum(self.shard_sizes[:i]) for i in range(placement.num_shards))
 
         if source is None:
