@@ -18,6 +18,7 @@
 #include "shardpipe/pipeline/executor.h"
 #include "shardpipe/pipeline/placement.h"
 #include "shardpipe/pipeline/schedule.h"
+#include "shardpipe/tensor_parallel/collectives.h"
 #include "shardpipe/tensor_parallel/linear_math.h"
 #include "shardpipe/tensor_parallel/sharded_linear.h"
 
@@ -258,6 +259,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("total"), py::arg("shards"),
       "Sizes of `shards` pieces of `total` features, the first total % shards one larger "
       "(ValueError unless 1 <= shards <= total).");
+  // A blocking collective: other Python threads may run meanwhile.
+  m.def("gather_shards", &shardpipe::gather_shards, py::arg("piece"), py::arg("dim"),
+        py::arg("sizes"), py::arg("group_name"), py::call_guard<py::gil_scoped_release>(),
+        "The whole tensor from every rank's piece of it along `dim` (rank r's is sizes[r] "
+        "wide), a new contiguous tensor; a collective over the group named group_name.");
   m.def("_set_collective_overlap", &shardpipe::set_collective_overlap, py::arg("on"),
         "Private measurement switch (benchmarks, tests): False makes the process-group layers' "
         "backward wait for each collective at once instead of overlapping it with the weight "

@@ -230,19 +230,7 @@ class _ParallelLinear(nn.Module):
             # A copy to the host must be finished before torch.cat reads it there.
             return torch.cat(torch.ops.shardpipe.copy_to(parts, p.device, p.device.type != "cpu"),
                              dim)
-        if p.num_shards == 1:
-            return parts[0].clone()
-        mine = parts[0].movedim(dim, 0)
-        widest = max(self.shard_sizes)
-        padded = mine.new_zeros((widest, *mine.shape[1:]))
-        padded[: mine.shape[0]] = mine
-        functional = torch.ops._c10d_functional
-        everyone = functional.wait_tensor(
-            functional.all_gather_into_tensor(padded.contiguous(), p.num_shards, p.group_name)
-        )
-        pieces = everyone.split(widest)
-        full = torch.cat([piece[:size] for piece, size in zip(pieces, self.shard_sizes)])
-        return full.movedim(0, dim).contiguous()
+        return _C.gather_shards(parts[0], dim, list(self.shard_sizes), p.group_name)
 
     def _full_parameters(self):
         weight = self._gather(self.weight_shards, self._split_dim)
