@@ -1,7 +1,7 @@
 """Tensor-parallel drop-ins for ``nn.Linear``: ColumnParallelLinear and RowParallelLinear.
 
 The math, the communication and its overlap are C++ operators (``torch.ops.shardpipe.*``,
-csrc/shardpipe/sharded_linear.cpp); this module checks arguments and holds the parameters.
+csrc/shardpipe/tensor_parallel/); this module checks arguments and holds the parameters.
 
 Placement: ``devices`` (several devices of this process, "cpu" may repeat; one thread per
 shard) or ``group`` (a ``torch.distributed`` process group, one shard per rank). Exactly one
@@ -23,7 +23,7 @@ from torch import nn
 
 from . import _C
 from ._checks import as_device_list, check_bool, check_dtype, check_int
-from .sharded_tensor import ShardedTensor, assemble, disassemble
+from .sharded_tensor import ShardedTensor, assemble, disassemble, gather_onto
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "Shard"]
 
@@ -227,9 +227,7 @@ class _ParallelLinear(nn.Module):
         p = self._placement
         parts = [t.detach() for t in parts]
         if p.group is None:
-            # A copy to the host must be finished before torch.cat reads it there.
-            return torch.cat(torch.ops.shardpipe.copy_to(parts, p.device, p.device.type != "cpu"),
-                             dim)
+            return gather_onto(parts, p.device, dim)
         return _C.gather_shards(parts[0], dim, list(self.shard_sizes), p.group_name)
 
     def _full_parameters(self):
