@@ -1,9 +1,9 @@
 // The arithmetic and checks the sharded linear kernels share (linear_math.h).
 #include <gtest/gtest.h>
 
-#include <functional>
 #include <string>
 
+#include "../common/error_of.h"
 #include "linear_reference.h"
 #include "shardpipe/tensor_parallel/linear_math.h"
 
@@ -11,15 +11,7 @@ namespace {
 
 using shardpipe::shard_offsets;
 using shardpipe::shard_sizes;
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
+using shardpipe_test::error_of;
 
 TEST(ShardSizes, DifferByAtMostOneLargerFirst) {
   EXPECT_EQ(shard_sizes(7, 3), (std::vector<int64_t>{3, 2, 2}));
