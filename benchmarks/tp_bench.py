@@ -122,7 +122,7 @@ def rank_main(rank, world, port, args, queue):
 
     def setting(overlap, chunks):
         def before():
-            parallel[0]._overlap = parallel[2]._overlap = overlap
+            shardpipe._C._set_collective_overlap(overlap)
             parallel[2].chunks = chunks
         return before
 

@@ -18,6 +18,9 @@
 #include "shardpipe/pipeline/executor.h"
 #include "shardpipe/pipeline/placement.h"
 #include "shardpipe/pipeline/schedule.h"
+#include "shardpipe/tensor_parallel/collectives.h"
+#include "shardpipe/tensor_parallel/linear_math.h"
+#include "shardpipe/tensor_parallel/sharded_linear.h"
 
 namespace py = pybind11;
 using shardpipe::Activations;
@@ -299,6 +302,32 @@ PYBIND11_MODULE(_C, m) {
   m.def("balance_partition", &shardpipe::balance_partition, py::arg("costs"), py::arg("partitions"),
         "Group sizes splitting `costs` into `partitions` contiguous groups with the smallest "
         "largest group cost (ties: most even sizes, then lexicographically smallest).");
+
+  // Tensor parallel: the C++ core's rules, for python/shardpipe/sharded_linear.py.
+  m.def(
+      "shard_sizes",
+      [](int64_t total, int64_t shards) {
+        try {
+          return shardpipe::shard_sizes(total, shards);
+        } catch (const c10::Error& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      py::arg("total"), py::arg("shards"),
+      "Sizes of `shards` pieces of `total` features, the first total % shards one larger "
+      "(ValueError unless 1 <= shards <= total).");
+  // A blocking collective: other Python threads may run meanwhile.
+  m.def("gather_shards", &shardpipe::gather_shards, py::arg("piece"), py::arg("dim"),
+        py::arg("sizes"), py::arg("group_name"), py::call_guard<py::gil_scoped_release>(),
+        "The whole tensor from every rank's piece of it along `dim` (rank r's is sizes[r] "
+        "wide), a new contiguous tensor; a collective over the group named group_name.");
+  m.def("_set_collective_overlap", &shardpipe::set_collective_overlap, py::arg("on"),
+        "Private measurement switch (benchmarks, tests): False makes the process-group layers' "
+        "backward wait for each collective at once instead of overlapping it with the weight "
+        "gradient. Default True.");
+  m.def("_collective_overlap", &shardpipe::collective_overlap,
+        "Whether the process-group layers' backward overlaps its collectives (see "
+        "_set_collective_overlap).");
 
   m.def("is_recomputing", &shardpipe::is_recomputing,
         "True while this thread recomputes a checkpointed forward.");

@@ -28,22 +28,21 @@ TORCH_LIBRARY(shardpipe, m) {
       "_row_parallel_linear_backward(Tensor grad, Tensor[] xs, Tensor[] weights, bool has_bias,"
       " bool input_is_parallel, bool[3] output_mask) -> (Tensor[], Tensor[], Tensor)");
   // Over a torch.distributed process group (group_name as Python's `group.group_name`): this
-  // rank holds shard `rank` of shard_sizes. overlap=True starts the backward's collective
-  // before the weight-gradient matmul and waits for it last; False waits at once (to measure).
-  // chunks > 1 splits the flattened batch so the forward collective of one piece runs while
-  // the next piece is multiplied.
+  // rank holds shard `rank` of shard_sizes. The backward starts its collective before the
+  // weight-gradient matmul and waits for it last. chunks > 1 splits the flattened batch so
+  // the forward collective of one piece runs while the next piece is multiplied.
   m.def(
       "column_parallel_linear_group(Tensor x, Tensor weight, Tensor? bias, bool gather_output,"
-      " int[] shard_sizes, int rank, str group_name, bool overlap=True, int chunks=1) -> Tensor");
+      " int[] shard_sizes, int rank, str group_name, int chunks=1) -> Tensor");
   m.def(
       "_column_parallel_linear_group_backward(Tensor grad, Tensor x, Tensor weight, bool has_bias,"
-      " bool gather_output, int[] shard_sizes, int rank, str group_name, bool overlap,"
+      " bool gather_output, int[] shard_sizes, int rank, str group_name,"
       " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def(
       "row_parallel_linear_group(Tensor x, Tensor weight, Tensor? bias, bool input_is_parallel,"
-      " int[] shard_sizes, int rank, str group_name, bool overlap=True, int chunks=1) -> Tensor");
+      " int[] shard_sizes, int rank, str group_name, int chunks=1) -> Tensor");
   m.def(
       "_row_parallel_linear_group_backward(Tensor grad, Tensor x, Tensor weight, bool has_bias,"
-      " bool input_is_parallel, int[] shard_sizes, int rank, str group_name, bool overlap,"
+      " bool input_is_parallel, int[] shard_sizes, int rank, str group_name,"
       " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

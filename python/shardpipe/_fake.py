@@ -46,19 +46,19 @@ def _row_parallel_linear_backward_fake(grad, xs, weights, has_bias, input_is_par
 
 @torch.library.register_fake("shardpipe::column_parallel_linear_group")
 def _column_parallel_linear_group_fake(
-    x, weight, bias, gather_output, shard_sizes, rank, group_name, overlap=True, chunks=1
+    x, weight, bias, gather_output, shard_sizes, rank, group_name, chunks=1
 ):
     return _with_last_dim(x, sum(shard_sizes) if gather_output else weight.shape[0])
 
 
 @torch.library.register_fake("shardpipe::row_parallel_linear_group")
 def _row_parallel_linear_group_fake(
-    x, weight, bias, input_is_parallel, shard_sizes, rank, group_name, overlap=True, chunks=1
+    x, weight, bias, input_is_parallel, shard_sizes, rank, group_name, chunks=1
 ):
     return _with_last_dim(x, weight.shape[0])
 
 
-def _group_backward_fake(grad, x, weight, has_bias, flag, shard_sizes, rank, group_name, overlap,
+def _group_backward_fake(grad, x, weight, has_bias, flag, shard_sizes, rank, group_name,
                          output_mask):
     return (
         torch.empty_like(x) if output_mask[0] else None,

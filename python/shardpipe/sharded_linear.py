@@ -1,7 +1,7 @@
 """Tensor-parallel drop-ins for ``nn.Linear``: ColumnParallelLinear and RowParallelLinear.
 
 The math, the communication and its overlap are C++ operators (``torch.ops.shardpipe.*``,
-csrc/shardpipe/sharded_linear.cpp); this module checks arguments and holds the parameters.
+csrc/shardpipe/tensor_parallel/); this module checks arguments and holds the parameters.
 
 Placement: ``devices`` (several devices of this process, "cpu" may repeat; one thread per
 shard) or ``group`` (a ``torch.distributed`` process group, one shard per rank). Exactly one
@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _C
 from ._checks import as_device_list, check_bool, check_dtype, check_int
-from .sharded_tensor import ShardedTensor, assemble, disassemble
+from .sharded_tensor import ShardedTensor, assemble, disassemble, gather_onto
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "Shard"]
 
@@ -45,10 +46,6 @@ class Shard(NamedTuple):
     tensor: torch.Tensor
     offsets: tuple
     full_shape: tuple
-
-
-def _shard_sizes(total, shards):
-    return [total // shards + (1 if i < total % shards else 0) for i in range(shards)]
 
 
 def _group_device(group):
@@ -130,9 +127,8 @@ class _ParallelLinear(nn.Module):
         self._placement = placement
         if placement.group is not None:
             self._check_group_agrees(bias, dtype, cls)
-        self.shard_sizes = tuple(_shard_sizes(split_total, placement.num_shards))
+        self.shard_sizes = tuple(_C.shard_sizes(split_total, placement.num_shards))
         self._offsets = tuple(sum(self.shard_sizes[:i]) for i in range(placement.num_shards))
-        self._overlap = True  # benchmark knob: False waits for each backward collective at once
 
         if source is None:
             # Drawn exactly as nn.Linear draws it, on the same device, then split.
@@ -231,22 +227,8 @@ class _ParallelLinear(nn.Module):
         p = self._placement
         parts = [t.detach() for t in parts]
         if p.group is None:
-            # A copy to the host must be finished before torch.cat reads it there.
-            return torch.cat(torch.ops.shardpipe.copy_to(parts, p.device, p.device.type != "cpu"),
-                             dim)
-        if p.num_shards == 1:
-            return parts[0].clone()
-        mine = parts[0].movedim(dim, 0)
-        widest = max(self.shard_sizes)
-        padded = mine.new_zeros((widest, *mine.shape[1:]))
-        padded[: mine.shape[0]] = mine
-        functional = torch.ops._c10d_functional
-        everyone = functional.wait_tensor(
-            functional.all_gather_into_tensor(padded.contiguous(), p.num_shards, p.group_name)
-        )
-        pieces = everyone.split(widest)
-        full = torch.cat([piece[:size] for piece, size in zip(pieces, self.shard_sizes)])
-        return full.movedim(0, dim).contiguous()
+            return gather_onto(parts, p.device, dim)
+        return _C.gather_shards(parts[0], dim, list(self.shard_sizes), p.group_name)
 
     def _full_parameters(self):
         weight = self._gather(self.weight_shards, self._split_dim)
@@ -503,7 +485,7 @@ class ColumnParallelLinear(_ParallelLinear):
             bias = self.bias_shards[0] if self._has_bias else None
             return torch.ops.shardpipe.column_parallel_linear_group(
                 x, self.weight_shards[0], bias, self.gather_output, list(self.shard_sizes),
-                p.rank, p.group_name, self._overlap, self.chunks,
+                p.rank, p.group_name, self.chunks,
             )
         outs = torch.ops.shardpipe.column_parallel_linear(
             x, list(self.weight_shards), list(self.bias_shards), self.gather_output
@@ -595,7 +577,7 @@ class RowParallelLinear(_ParallelLinear):
         if p.group is not None:
             return torch.ops.shardpipe.row_parallel_linear_group(
                 x, self.weight_shards[0], self.bias, self.input_is_parallel,
-                list(self.shard_sizes), p.rank, p.group_name, self._overlap, self.chunks,
+                list(self.shard_sizes), p.rank, p.group_name, self.chunks,
             )
         return torch.ops.shardpipe.row_parallel_linear(
             [x], list(self.weight_shards), self.bias, False, x.device

@@ -103,10 +103,7 @@ class ShardedTensor(torch.Tensor):
         return _Gather.apply(self)
 
     def _gathered(self):
-        # A copy to the host must be finished before torch.cat reads it there.
-        moved = torch.ops.shardpipe.copy_to(list(self._shards), self.device,
-                                            self.device.type != "cpu")
-        return torch.cat(moved, -1)
+        return gather_onto(self._shards, self.device, -1)
 
     def __repr__(self, *, tensor_contents=None):
         grad = f", grad_fn={type(self.grad_fn).__name__}" if self.grad_fn is not None else ""
@@ -175,16 +172,24 @@ def _gathered_call(func, args, kwargs):
     return func(*args, **kwargs)
 
 
+def _onto(tensors, device):
+    """``tensors`` copied onto ``device``; a copy to the host is finished on return, since the
+    host reads it next and no stream would wait for it."""
+    return torch.ops.shardpipe.copy_to(list(tensors), device, device.type != "cpu")
+
+
+def gather_onto(parts, device, dim):
+    """``parts`` concatenated along ``dim`` on ``device``."""
+    return torch.cat(_onto(parts, device), dim)
+
+
 def _split_onto(grad, sizes, devices):
     """``grad`` as pieces of the given widths on the given devices (for a backward)."""
     if isinstance(grad, ShardedTensor):
         if grad.shard_sizes == tuple(sizes) and grad.shard_devices == tuple(devices):
             return list(grad.shards)
         grad = grad._gathered()
-    return [
-        torch.ops.shardpipe.copy_to([part], device, device.type != "cpu")[0]
-        for part, device in zip(grad.split(list(sizes), -1), devices)
-    ]
+    return [_onto([part], device)[0] for part, device in zip(grad.split(list(sizes), -1), devices)]
 
 
 class _Assemble(torch.autograd.Function):

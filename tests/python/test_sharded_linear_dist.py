@@ -154,13 +154,19 @@ def check_mlp_needs_one_all_reduce_forward_and_one_backward(rank, world):
 
 
 def check_overlap_off_gives_the_same_gradients(rank, world):
+    import shardpipe
+
+    assert shardpipe._C._collective_overlap()  # the default
     grads = []
-    for overlap in (True, False):
-        col, row, _, _ = make_mlp(world)
-        col._overlap = row._overlap = overlap
-        x = leaf(same_input(4, 6))
-        row(torch.relu(col(x))).sum().backward()
-        grads.append((x.grad, col.weight_shards[0].grad, row.weight_shards[0].grad))
+    try:
+        for overlap in (True, False):
+            shardpipe._C._set_collective_overlap(overlap)
+            col, row, _, _ = make_mlp(world)
+            x = leaf(same_input(4, 6))
+            row(torch.relu(col(x))).sum().backward()
+            grads.append((x.grad, col.weight_shards[0].grad, row.weight_shards[0].grad))
+    finally:
+        shardpipe._C._set_collective_overlap(True)
     for a, b in zip(*grads):
         assert torch.equal(a, b)
 
@@ -360,24 +366,24 @@ def check_opcheck_group_operators(rank, world):
     ops = torch.ops.shardpipe
     for gather in (True, False):
         torch.library.opcheck(
-            ops.column_parallel_linear_group.default, (x, w, b, gather, sizes, rank, name, True)
+            ops.column_parallel_linear_group.default, (x, w, b, gather, sizes, rank, name)
         )
     xr = torch.randn(3, sum(sizes), dtype=torch.float64, requires_grad=True)
     wr = torch.randn(5, mine, dtype=torch.float64, requires_grad=True)
     br = torch.randn(5, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(
-        ops.row_parallel_linear_group.default, (xr, wr, br, False, sizes, rank, name, True)
+        ops.row_parallel_linear_group.default, (xr, wr, br, False, sizes, rank, name)
     )
     mask = [True, True, True]
     grad = torch.randn(3, sum(sizes), dtype=torch.float64)
     torch.library.opcheck(
         ops._column_parallel_linear_group_backward.default,
-        (grad, x.detach(), w.detach(), True, True, sizes, rank, name, True, mask),
+        (grad, x.detach(), w.detach(), True, True, sizes, rank, name, mask),
     )
     torch.library.opcheck(
         ops._row_parallel_linear_group_backward.default,
         (torch.randn(3, 5, dtype=torch.float64), xr.detach(), wr.detach(), True, False, sizes,
-         rank, name, True, mask),
+         rank, name, mask),
     )
 
 

@@ -84,4 +84,13 @@ PendingCollective all_gather_last_dim(const at::Tensor& x, std::vector<int64_t> 
   return PendingCollective(gathered, finish);
 }
 
+at::Tensor gather_shards(const at::Tensor& piece, int64_t dim, std::vector<int64_t> sizes,
+                         const std::string& group_name) {
+  TORCH_CHECK(piece.dim() >= 1, "gather_shards: expects at least one dim, got a scalar");
+  TORCH_CHECK(!sizes.empty(), "gather_shards: sizes must list one size per rank");
+  if (sizes.size() == 1) return piece.clone(at::MemoryFormat::Contiguous);
+  auto full = all_gather_last_dim(piece.movedim(dim, -1), std::move(sizes), group_name).wait();
+  return full.movedim(-1, dim).contiguous();
+}
+
 }  // namespace shardpipe

@@ -41,4 +41,11 @@ PendingCollective all_reduce_sum(at::Tensor x, const std::string& group_name);
 PendingCollective all_gather_last_dim(const at::Tensor& x, std::vector<int64_t> sizes,
                                       const std::string& group_name);
 
+// The whole tensor from every rank's piece of it along `dim`, rank r's piece being sizes[r]
+// wide there (all_gather_last_dim along any dim): a new contiguous tensor, on return. A
+// group of one rank copies without communicating. What a layer's state_dict gathers its
+// shards with.
+at::Tensor gather_shards(const at::Tensor& piece, int64_t dim, std::vector<int64_t> sizes,
+                         const std::string& group_name);
+
 }  // namespace shardpipe

@@ -19,22 +19,11 @@ namespace shardpipe {
 // Two ways to place the shards:
 // - one process, several devices: `weights[i]` lives on its own device (devices may repeat);
 //   every shard runs on its own thread (run_on_shards) and communication is copy_to onto the
-//   output device, then cat or sum there.
+//   output device, then cat or sum there (local_linear.cpp).
 // - one shard per rank of a torch.distributed process group (`group_name`); communication is
-//   the group's all-gather / all-reduce (collectives.h).
-// Sizes of shards differ by at most one (shard_sizes).
-
-// Sizes of `shards` pieces of `total` features: the first total % shards pieces are one
-// larger. Needs 1 <= shards <= total.
-std::vector<int64_t> shard_sizes(int64_t total, int64_t shards);
-// Start of every piece: the exclusive prefix sums of `sizes`.
-std::vector<int64_t> shard_offsets(at::IntArrayRef sizes);
-
-// The gradients of one shard's y = linear(x, weight, bias), with the same aten calls
-// nn.Linear's autograd makes, so that a single shard matches nn.Linear bit for bit.
-at::Tensor linear_input_grad(const at::Tensor& grad, const at::Tensor& weight);
-at::Tensor linear_weight_grad(const at::Tensor& grad, const at::Tensor& input);
-at::Tensor linear_bias_grad(const at::Tensor& grad);
+//   the group's all-gather / all-reduce (collectives.h, group_linear.cpp).
+// Sizes of shards differ by at most one (shard_sizes, linear_math.h). The autograd of every
+// operator is C++ (sharded_linear.cpp).
 
 // --- Operators (through the dispatcher; differentiable) ------------------------------------
 
@@ -51,24 +40,28 @@ at::Tensor row_parallel_linear(at::TensorList xs, at::TensorList weights,
 
 // Process group: this rank (`rank` of shard_sizes.size()) holds `weight`, rows
 // [offset_rank, offset_rank + shard_sizes[rank]) of the full weight, and the matching bias.
-// overlap: in backward, start the input-gradient all-reduce before computing the weight
-// gradient and wait for it last; false waits at once (to measure what overlap gains).
+// In backward the input-gradient all-reduce runs while the weight gradient is computed.
 // chunks: with gather_output, split the flattened batch into this many pieces so that the
 // all-gather of one piece runs while the next is multiplied.
 at::Tensor column_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, bool gather_output,
                                         at::IntArrayRef shard_sizes, int64_t rank,
-                                        const std::string& group_name, bool overlap = true,
-                                        int64_t chunks = 1);
+                                        const std::string& group_name, int64_t chunks = 1);
 
 // Process group: this rank holds columns [offset_rank, ...) of the full weight; the bias is
-// whole on every rank. overlap: in backward (input_is_parallel false), start the all-gather of
-// the input gradient before computing the weight gradient. chunks: split the flattened batch
+// whole on every rank. In backward (input_is_parallel false) the all-gather of the input
+// gradient runs while the weight gradient is computed. chunks: split the flattened batch
 // into this many pieces so that the all-reduce of one piece runs while the next is multiplied.
 at::Tensor row_parallel_linear_group(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, bool input_is_parallel,
                                      at::IntArrayRef shard_sizes, int64_t rank,
-                                     const std::string& group_name, bool overlap = true,
-                                     int64_t chunks = 1);
+                                     const std::string& group_name, int64_t chunks = 1);
+
+// A measurement switch, private to benchmarks and tests, for the whole process: whether the
+// process-group layers' backward starts its collective before the weight-gradient matmul and
+// waits for it last (true, the default) or waits for it at once (false, to measure what the
+// overlap gains). Read when a backward runs; the gradients are the same either way.
+void set_collective_overlap(bool on);
+bool collective_overlap();
 
 }  // namespace shardpipe

@@ -6,9 +6,12 @@
 #include <string>
 #include <vector>
 
+#include "../common/error_of.h"
 #include "shardpipe/copy/copy.h"
 
 namespace {
+
+using shardpipe_test::error_of;
 
 const at::Device kCpu(at::kCPU);
 
@@ -29,17 +32,6 @@ void expect_same_copy(const at::Tensor& got, const at::Tensor& x, at::Device dev
     // A copy, never a view of the input, even when the device does not change.
     EXPECT_NE(got.data_ptr(), x.data_ptr());
   }
-}
-
-// Runs `fn` and returns the message of the c10::Error it throws ("" when it does not).
-template <typename Fn>
-std::string error_of(Fn fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
 }
 
 TEST(CopyTo, IsRegisteredWithTheDispatcher) {
