@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test: pytest (tests/python), then the GoogleTest suite (tests/cpp) built with CMake
+# Every test: pytest (tests/python, and tests/stress at CI's sizes; SHARDPIPE_STRESS_LONG=1 for
+# the long variants), then the GoogleTest suite (tests/cpp) built with CMake
 # in build/cmake and run by ctest. Both run even if the first fails; the exit status is
 # non-zero when anything failed. Sets up what it needs itself: the venv and build
 # (scripts/setup_env.sh), and GoogleTest's sources (apt-get, as root or with sudo).
@@ -29,8 +30,8 @@ fi
 
 failed=()
 
-echo "== pytest tests/python"
-"$PY" -m pytest tests/python "$@" || failed+=(pytest)
+echo "== pytest tests/python tests/stress"
+"$PY" -m pytest tests/python tests/stress "$@" || failed+=(pytest)
 
 echo "== GoogleTest (tests/cpp) through CMake and ctest"
 if cmake -S . -B build/cmake -G Ninja -DPython_EXECUTABLE="$PY" \

@@ -67,7 +67,7 @@ def test_pipelines_built_and_dropped_while_another_trains():
     pipe = sp.Pipeline(model, ["cpu", "cpu"], chunks=4)
 
     def churn():
-        for k in range(40):
+        for _ in range(40):
             other = sp.Pipeline(small(4), ["cpu"] * 3, chunks=2)
             other(torch.randn(4, 8)).sum().backward()
             del other

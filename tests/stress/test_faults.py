@@ -12,7 +12,6 @@ from faults import (
     baseline_grads,
     data,
     inject,
-    layout,
     loss_fn,
     model,
     positions,

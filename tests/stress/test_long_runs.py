@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import LONG
+from stress_settings import LONG
 from torch import nn
 
 import shardpipe as sp
