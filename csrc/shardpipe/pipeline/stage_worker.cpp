@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include "shardpipe/pipeline/autograd.h"
+#include "shardpipe/pipeline/backward_split.h"
 #include "shardpipe/pipeline/stage_stream.h"
 
 namespace shardpipe {
@@ -28,10 +29,16 @@ void StageWorker::run(Step& step, const Task& task) {
   if (!device_.is_cpu()) device_guard.reset_device(device_);
   StreamsGuard stream_guard({stream_});
   GeneratorLocksInherited serving(step.generators_held_by_caller);
-  if (task.phase == Phase::kForward) {
-    forward(step, task.micro_batch);
-  } else {
-    backward(step, task.micro_batch);
+  switch (task.phase) {
+    case Phase::kForward:
+      forward(step, task.micro_batch);
+      break;
+    case Phase::kBackward:
+      backward(step, task.micro_batch);
+      break;
+    case Phase::kWeight:
+      weight(step, task.micro_batch);
+      break;
   }
 }
 
@@ -138,10 +145,17 @@ void StageWorker::backward(Step& step, int i) {
       }
     }
   }
-  if (!roots.empty()) torch::autograd::backward(roots, grads);
   Activations input_grads(slot.sinks.size());
-  for (size_t k = 0; k < slot.sinks.size(); ++k) {
-    if (slot.sinks[k]) input_grads[k] = take_sink_gradient(slot.sinks[k]);
+  if (step.split_backward) {
+    // The recomputed graph of a checkpointed micro-batch serves W too.
+    auto later = std::make_shared<WeightGradients>();
+    if (!roots.empty()) input_grads = backward_inputs(roots, grads, slot.sinks, *later);
+    slot.weights = std::move(later);
+  } else {
+    if (!roots.empty()) torch::autograd::backward(roots, grads);
+    for (size_t k = 0; k < slot.sinks.size(); ++k) {
+      if (slot.sinks[k]) input_grads[k] = take_sink_gradient(slot.sinks[k]);
+    }
   }
   slot.sinks.clear();
   slot.input.clear();
@@ -155,6 +169,11 @@ void StageWorker::backward(Step& step, int i) {
   } else {
     step.input_grads[i] = std::move(input_grads);
   }
+}
+
+void StageWorker::weight(Step& step, int i) {
+  std::shared_ptr<WeightGradients> later = std::move(step.at(stage_, i).weights);
+  if (later) backward_weights(*later);
 }
 
 }  // namespace shardpipe

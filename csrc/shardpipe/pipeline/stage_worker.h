@@ -14,8 +14,9 @@ namespace shardpipe {
 // Runs the tasks of one stage: takes what a task consumes from the transport, calls the stage
 // (on its device, with its stream current, replaying the random state when it recomputes a
 // checkpointed forward), runs autograd from the stage's outputs into its parameters and
-// inputs, and hands what the task made to the transport. Which thread calls it, and when, is
-// the executor's business.
+// inputs (or, when the schedule splits the backward, into its inputs in B and its parameters
+// in W: backward_split.h), and hands what the task made to the transport. Which thread calls it,
+// and when, is the executor's business.
 class StageWorker {
  public:
   StageWorker(int stage, int stages, StageFn fn, at::Device device,
@@ -37,6 +38,7 @@ class StageWorker {
  private:
   void forward(Step& step, int i);
   void backward(Step& step, int i);
+  void weight(Step& step, int i);
   // Calls the stage on `input`, each input that wants a gradient behind a sink (kept in the
   // slot); on the last stage of a train_step, returns the weighted loss instead.
   Activations call(Step& step, int i, const Activations& input,

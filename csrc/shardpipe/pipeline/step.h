@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -17,6 +18,8 @@
 #include "shardpipe/pipeline/checkpoint.h"
 
 namespace shardpipe {
+
+struct WeightGradients;  // backward_split.h
 
 // What flows between stages: the tensors of one micro-batch (one, or a tuple's worth).
 using Activations = std::vector<at::Tensor>;
@@ -39,10 +42,13 @@ struct Slot {
   Activations output;                // with the stage's graph, unless the forward was checkpointed
   Activations grad;                  // gradient of `output`, sent by the next stage (or the caller)
   RngState rng;                      // for recomputation
+  // What B left for W when the schedule splits the backward (the graph, its gradients).
+  std::shared_ptr<WeightGradients> weights;
   bool checkpointed = false;
   bool has_input = false;
   bool forward_done = false;
   bool has_grad = false;
+  bool backward_done = false;
 };
 
 // One mini-batch on its way through the pipeline. Shared by the caller, the executor's
@@ -57,6 +63,8 @@ struct Step {
   Slot& at(int s, int i) { return slots[static_cast<size_t>(s) * micro_batches + i]; }
 
   bool grad_enabled = false;
+  // The schedule splits each backward into B (input gradients) and W (weight gradients).
+  bool split_backward = false;
   // Generator locks the caller's thread holds; the workers then serialise on `own_generator`.
   std::vector<std::mutex*> generators_held_by_caller;
   std::mutex own_generator;
