@@ -224,40 +224,32 @@ class LiveSaved:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.alive = self.peak = 0
+        self.saved = {}  # forward call -> its tensors still saved
+        self.peak = 0
 
-    def change(self, by):
+    @property
+    def alive(self):
+        return len(self.saved)
+
+    def pack(self, call, tensor):
         with self.lock:
-            self.alive += by
-            self.peak = max(self.peak, self.alive)
+            self.saved[call] = self.saved.get(call, 0) + 1
+            self.peak = max(self.peak, len(self.saved))
+        return _Packed(self, call, tensor)
 
-
-class _Call:
-    def __init__(self, count):
-        self.count, self.packed = count, 0
-
-    def pack(self, tensor):
-        with self.count.lock:
-            self.packed += 1
-            first = self.packed == 1
-        if first:
-            self.count.change(+1)
-        return _Packed(self, tensor)
-
-    def unpacked(self):
-        with self.count.lock:
-            self.packed -= 1
-            last = self.packed == 0
-        if last:
-            self.count.change(-1)
+    def freed(self, call):
+        with self.lock:
+            self.saved[call] -= 1
+            if not self.saved[call]:
+                del self.saved[call]
 
 
 class _Packed:
-    def __init__(self, call, tensor):
-        self.call, self.tensor = call, tensor
+    def __init__(self, count, call, tensor):
+        self.count, self.call, self.tensor = count, call, tensor
 
     def __del__(self):
-        self.call.unpacked()
+        self.count.freed(self.call)
 
 
 class Saved(nn.Module):
@@ -268,8 +260,9 @@ class Saved(nn.Module):
         self.count, self.module = count, module
 
     def forward(self, x):
-        call = _Call(self.count)
-        with torch.autograd.graph.saved_tensors_hooks(call.pack, lambda packed: packed.tensor):
+        call = object()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: self.count.pack(call, t),
+                                                      lambda packed: packed.tensor):
             return self.module(x)
 
 
@@ -375,3 +368,24 @@ def test_schedule_names_come_from_the_core():
     assert {"zb1p", "zbv"} <= set(sp._C.schedule_names())
     with pytest.raises(ValueError, match="zb1p"):
         sp.Pipeline(mlp(), ["cpu", "cpu"], balance=[3, 3], schedule="zb2p")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("checkpoint", ["never", "always"])
+@pytest.mark.parametrize("schedule", ZB)
+def test_stages_on_one_gpu_equal_the_micro_batched_baseline(schedule, checkpoint):
+    # Both devices are cuda:0: pipe(x)'s backward runs on autograd's cuda:0 thread, which
+    # must run every stage's B and W itself (the CUDA trap in ARCHITECTURE).
+    model = mlp(seed=9).cuda()
+    x = torch.randn(10, 8, device="cuda", requires_grad=True)
+    target = torch.randn(10, 3, device="cuda")
+    nn.functional.mse_loss(micro_batched(model, x, 4), target).backward()
+    want = take_grads(model, x)
+    balance = [2, 1, 2, 1] if schedule == "zbv" else [3, 3]
+    pipe = sp.Pipeline(model, ["cuda:0", "cuda:0"], chunks=4, balance=balance,
+                       schedule=schedule, checkpoint=checkpoint)
+    pipe.train_step(x, target, nn.functional.mse_loss)
+    assert_grads_close(take_grads(model, x), want)
+    nn.functional.mse_loss(pipe(x), target).backward()
+    assert_grads_close(take_grads(model, x), want)
