@@ -295,6 +295,89 @@ def resnet50_on_one_gpu(batch, chunks, repeats):
     return results
 
 
+# --- zero-bubble schedules: zb1p and zbv beside 1f1b ------------------------------------------
+
+def at_ceiling(events, ceiling):
+    """Length of a two-worker timeline (tuples as Engine.take_trace gives them) when both
+    workers busy at once run `ceiling` times one worker's speed, not twice it."""
+    points = sorted({t for e in events for t in e[4:6]})
+    total = 0.0
+    for a, b in zip(points, points[1:]):
+        busy = len({e[3] for e in events if e[4] <= a and e[5] >= b and e[5] > e[4]})
+        total += (b - a) * (busy / ceiling if busy > 1 else 1.0)
+    return total
+
+
+def zero_bubble(width, depth, batch, chunks, repeats):
+    """Two CPU devices of equal cost, one intra-op thread each, threads forced to the workers:
+    1f1b and zb1p with two stages, zbv with four (two per device); the same model and
+    micro-batches, timed round-robin against the machine's two-thread ceiling."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[block(width, depth) for _ in range(4)])
+        x, target = torch.randn(batch, width), torch.randn(batch, width)
+        loss_fn = nn.functional.mse_loss
+        layouts = {"1f1b": [2, 2], "zb1p": [2, 2], "zbv": [1, 1, 1, 1]}
+        pipes = {}
+        for name, balance in layouts.items():
+            pipes[name] = sp.Pipeline(model, ["cpu", "cpu"], chunks=chunks, balance=balance,
+                                      schedule=name)
+            pipes[name]._engine.threads = "workers"
+        parts = list(x.chunk(chunks))
+        first = pipes["1f1b"].stages[0]
+        with torch.no_grad():
+            middle = [first(part).requires_grad_() for part in parts]
+        free = FreeRunning(pipes["1f1b"].stages, [parts, middle], train=True)
+
+        def micro_batches():
+            for part, part_target in zip(parts, target.chunk(chunks)):
+                loss_fn(model(part), part_target).backward()
+
+        fns = {"micro-batches": micro_batches, "free-running": free}
+        for name, pipe in pipes.items():
+            fns[name] = lambda pipe=pipe: pipe.train_step(x, target, loss_fn)
+        times = interleaved(fns, repeats)
+        free.close()
+        ceiling = times["micro-batches"] / times["free-running"]
+        rows = {}
+        for name, pipe in pipes.items():
+            with pipe.record_trace() as trace:
+                pipe.train_step(x, target, loss_fn)
+            stages = len(layouts[name])
+            theory = sp._C.schedule_timeline(name, stages, chunks, 2)  # F = B = W per stage
+            rows[name] = dict(time=times[name], bubble=trace.bubble_fraction(),
+                              theory=sp.Trace(theory).bubble_fraction(),
+                              predicted=at_ceiling(theory, ceiling) * 2 / stages)
+            pipe.close()
+        return rows, ceiling
+    finally:
+        torch.set_num_threads(threads)
+
+
+def print_zero_bubble(quick, repeats):
+    width, depth, batch = (128, 1, 64) if quick else (1024, 2, 1024)
+    for chunks in ([4] if quick else [4, 8]):
+        rows, ceiling = zero_bubble(width, depth, batch, chunks, repeats)
+        base = rows["1f1b"]
+        print(f"\nzero bubble: 2 cpu devices, {chunks} mb, two-thread ceiling {ceiling:.2f}")
+        print(f"{'schedule':<8} {'bubble':>7} {'theory':>7} {'time/1f1b':>10} {'theory':>7} "
+              f"{'gain':>7} {'theory':>7} {'share':>6}")
+        for name, row in rows.items():
+            ratio = row["time"] / base["time"]
+            predicted = row["predicted"] / base["predicted"]
+            gain, want = 1 / ratio - 1, 1 / predicted - 1
+            # A share of a gain the ceiling leaves no room for says nothing.
+            share = f"{gain / want:6.0%}" if want > 0.005 else f"{'-':>6}"
+            print(f"{name:<8} {row['bubble']:>7.3f} {row['theory']:>7.3f} {ratio:>10.3f} "
+                  f"{predicted:>7.3f} {gain:>+7.1%} {want:>+7.1%} {share}")
+    print("bubble: measured idle share of the workers (Trace.bubble_fraction) | theory: the"
+          " schedule on paper with F = B = W (sp._C.schedule_timeline); time/1f1b: step time"
+          " against 1f1b's, measured | theory at the measured ceiling; gain: speed-up over"
+          " 1f1b; share: measured gain / predicted gain")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (for tests)")
@@ -365,6 +448,7 @@ def main():
           " grad, 2 cpu stages on workers); stages that draw no random numbers run unlocked")
     if bubble is not None:
         print(f"measured bubble fraction (1f1b, {chunks} mb): {bubble:.2f}; timeline in {args.out}")
+    print_zero_bubble(args.quick, repeats)
 
 if __name__ == "__main__":
     main()

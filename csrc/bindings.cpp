@@ -278,7 +278,15 @@ auto without_gil(F&& body) -> decltype(body()) {
 }
 
 const char* phase_name(shardpipe::Phase p) {
-  return p == shardpipe::Phase::kForward ? "forward" : "backward";
+  switch (p) {
+    case shardpipe::Phase::kForward:
+      return "forward";
+    case shardpipe::Phase::kBackward:
+      return "backward";
+    case shardpipe::Phase::kWeight:
+      return "weight";
+  }
+  return "?";
 }
 
 }  // namespace
@@ -343,7 +351,8 @@ PYBIND11_MODULE(_C, m) {
                                               what);
       },
       py::arg("schedule"), py::arg("devices"), py::arg("blocks"), py::arg("what"),
-      "Stages of a pipeline without a balance: one per device (two with 'interleaved').");
+      "Stages of a pipeline without a balance: one per device (two with 'interleaved' and "
+      "'zbv').");
   m.def(
       "check_balance",
       [](const std::vector<int64_t>& balance, int64_t blocks, const std::string& what, int devices,
@@ -366,6 +375,26 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("schedule"), py::arg("stages"), py::arg("devices"),
       "(device of each stage, number of workers) for `stages` stages on `devices`.");
+
+  // For benchmarks/pipeline_bench.py: a schedule's theory, in the trace's format.
+  m.def(
+      "schedule_timeline",
+      [](const std::string& schedule, int stages, int micro_batches, int workers, double forward,
+         double backward, double weight) {
+        auto s = shardpipe::make_schedule(shardpipe::parse_schedule(schedule), stages,
+                                          micro_batches, workers);
+        py::list events;
+        for (const auto& t : shardpipe::timeline(s, {forward, backward, weight})) {
+          events.append(py::make_tuple(t.task.stage, t.task.micro_batch, phase_name(t.task.phase),
+                                       t.worker, t.start, t.end));
+        }
+        return events;
+      },
+      py::arg("schedule"), py::arg("stages"), py::arg("micro_batches"), py::arg("workers"),
+      py::arg("forward") = 1.0, py::arg("backward") = 1.0, py::arg("weight") = 1.0,
+      "When each task of the schedule runs on paper, every task as soon as its dependencies and "
+      "its worker allow, with the given costs (an unsplit backward costs backward + weight); "
+      "tuples as Engine.take_trace gives them.");
 
   // For benchmarks/pipeline_bench.py: the engine's own cost per task, without Python.
   m.def(

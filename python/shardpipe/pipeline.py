@@ -179,17 +179,26 @@ class Pipeline(nn.Module):
         devices: one device per stage. ``"cpu"`` may repeat (each CPU stage gets its own
             worker thread), and so may a GPU (its stages overlap on separate streams). With
             ``schedule="interleaved"``, ``balance`` may list several stages per device:
-            stage ``s`` runs on ``devices[s % len(devices)]``. Omitted: read from where the
-            children already are (their parameters and buffers), a stage cut wherever the
-            device changes.
+            stage ``s`` runs on ``devices[s % len(devices)]``. With ``schedule="zbv"``,
+            ``balance`` lists two stages per device, placed in a V: stages ``d`` and
+            ``2 * len(devices) - 1 - d`` run on ``devices[d]`` (the first and the last
+            stage share ``devices[0]``).
+            Omitted: read from where the children already are (their parameters and
+            buffers), a stage cut wherever the device changes.
         chunks: micro-batches per mini-batch; a smaller batch runs one sample per
             micro-batch.
         balance: how many children (blocks, with ``nested=True``) each stage gets
             (default: an even split by parameter count; :func:`shardpipe.balance_by_time`
             computes a better one).
         schedule: ``"gpipe"`` (fill-drain), ``"1f1b"`` (with :meth:`train_step`: at most
-            ``stages`` micro-batches of activations alive per stage) or ``"interleaved"``
-            (1F1B over several virtual stages per device; default two per device).
+            ``stages`` micro-batches of activations alive per stage), ``"interleaved"``
+            (1F1B over several virtual stages per device; default two per device), or one of
+            the zero-bubble schedules, which split each stage's backward into the input
+            gradient (sent upstream at once) and the weight gradient (run later, where
+            1F1B's workers would wait): ``"zb1p"`` (ZB-H1: every stage holds at most what
+            1F1B's first stage holds, the bubble about a third of 1F1B's) and ``"zbv"``
+            (ZB-V: two stages per device in a V, the bubble close to zero at the same
+            memory). Gradients are the same with every schedule.
         checkpoint: ``"never"``, ``"except_last"`` or ``"always"``: in training mode,
             recompute a stage's forward during backward instead of keeping its activations,
             replaying the random-number state so dropout agrees and the buffers the forward
@@ -389,7 +398,10 @@ class Pipeline(nn.Module):
 
         ``loss_fn(output, target)`` is computed per micro-batch on the last stage and its
         backward starts at once, which is what lets ``schedule="1f1b"`` keep at most
-        ``stages`` micro-batches of activations per stage. Returns the detached loss: the
+        ``stages`` micro-batches of activations per stage (and the zero-bubble schedules
+        fill 1F1B's bubbles within that memory; ``pipe(x)`` then ``loss.backward()`` works
+        with them too, but keeps every micro-batch alive until the backward, as with
+        ``"gpipe"``). Returns the detached loss: the
         micro-batch losses weighted by their share of the batch (``loss_reduction="mean"``,
         so a mean-reduced loss gives the full-batch loss) or summed (``"sum"``). Parameter
         gradients are those of the returned value; call ``optimizer.step()`` next. With

@@ -4,12 +4,16 @@ import json
 
 __all__ = ["Trace"]
 
+_LETTERS = {"forward": "F", "backward": "B", "weight": "W"}
+
 
 class Trace:
     """Tasks recorded by :meth:`Pipeline.record_trace`.
 
     ``events`` holds one dict per task: ``stage``, ``micro_batch``, ``phase``
-    (``"forward"``/``"backward"``), ``worker``, ``start_us`` and ``end_us``.
+    (``"forward"``/``"backward"``, and ``"weight"`` for the weight gradients of the
+    zero-bubble schedules, whose ``"backward"`` is the input gradient), ``worker``,
+    ``start_us`` and ``end_us``.
 
     Example::
 
@@ -48,7 +52,7 @@ class Trace:
     def to_chrome(self):
         """The trace in Chrome's trace-event format (a dict ready for ``json.dump``)."""
         events = [
-            dict(name=f"{'F' if e['phase'] == 'forward' else 'B'}{e['micro_batch']}",
+            dict(name=f"{_LETTERS[e['phase']]}{e['micro_batch']}",
                  cat=e["phase"], ph="X", ts=e["start_us"], dur=e["end_us"] - e["start_us"],
                  pid=0, tid=e["worker"],
                  args=dict(stage=e["stage"], micro_batch=e["micro_batch"]))

@@ -40,10 +40,13 @@ Placement placement_of(size_t stages, EngineOptions& options) {
                     options.devices.size(), " devices");
   TORCH_CHECK_VALUE(options.chunks >= 1, "shardpipe: chunks must be at least 1, got ",
                     options.chunks);
-  if (options.workers == 0) options.workers = static_cast<int>(stages);
-  Placement placement{options.devices, options.workers};
+  if (options.workers == 0) {
+    const int n = static_cast<int>(stages);
+    options.workers = options.schedule == ScheduleKind::kZeroBubbleV ? std::max(1, n / 2) : n;
+  }
+  Placement placement{options.devices, options.workers, options.schedule};
   try {
-    placement.validate(options.schedule);
+    placement.validate();
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, "shardpipe: ", e.what());
   }
@@ -94,7 +97,9 @@ const Schedule& Engine::schedule_for(int micro_batches, std::optional<Phase> pha
   auto it = schedules_.find({micro_batches, key});
   if (it == schedules_.end()) {
     auto schedule = make_schedule(options_.schedule, stages(), micro_batches, workers());
-    if (phase) schedule = schedule.only(*phase);
+    // The backward phase of `pipe(x)` is everything but the forwards: B, and W when split.
+    if (phase == Phase::kForward) schedule = schedule.only(Phase::kForward);
+    if (phase == Phase::kBackward) schedule = schedule.without(Phase::kForward);
     it = schedules_.emplace(std::make_pair(micro_batches, key), std::move(schedule)).first;
   }
   return it->second;  // std::map keeps references valid while entries are added
@@ -122,6 +127,7 @@ std::shared_ptr<Step> Engine::make_step(const Values& values, const std::vector<
   stages_wait_for_caller();
   step->generators_held_by_caller = generator_locks_held_here();
   step->grad_enabled = at::GradMode::is_enabled();
+  step->split_backward = splits_backward(options_.schedule);
   for (const auto& x : inputs) {
     step->input_requires_grad.push_back(step->grad_enabled && x.requires_grad());
   }

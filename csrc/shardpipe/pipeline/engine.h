@@ -22,7 +22,7 @@ namespace shardpipe {
 
 struct EngineOptions {
   std::vector<at::Device> devices;  // one per stage
-  int workers = 0;                  // 0: one per stage; else stage s runs on worker s % workers
+  int workers = 0;  // 0: one per stage (per two with zbv); stage s runs on worker_of_stage(...)
   int64_t chunks = 1;
   ScheduleKind schedule = ScheduleKind::kGPipe;
   CheckpointMode checkpoint = CheckpointMode::kNever;
@@ -79,8 +79,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // order every device.
   void stages_wait_for_caller();
   void caller_waits_for_stages();
-  // The schedule for a micro-batch count (one phase, or both), made once and kept: the
-  // interleaved one is searched for by simulation.
+  // The schedule for a micro-batch count (the forward phase, the backward phase (B and W), or
+  // all), made once and kept: the interleaved one is searched for by simulation.
   const Schedule& schedule_for(int micro_batches, std::optional<Phase> phase);
 
   EngineOptions options_;

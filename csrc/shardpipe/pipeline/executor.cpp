@@ -35,8 +35,11 @@ std::exception_ptr annotate(std::exception_ptr error, const std::string& where) 
 }
 
 std::string describe(const Task& t) {
+  const char* phase = t.phase == Phase::kForward    ? " (forward)"
+                      : t.phase == Phase::kBackward ? " (backward)"
+                                                    : " (weight)";
   return "stage " + std::to_string(t.stage) + ", micro-batch " + std::to_string(t.micro_batch) +
-         (t.phase == Phase::kForward ? " (forward)" : " (backward)");
+         phase;
 }
 
 // The step as the dependency rule sees it: a task's own forward is done when the step says
@@ -51,6 +54,7 @@ struct Arrivals {
     return (step.fused && s == step.stages - 1) ||
            transport.arrived(step, {s, i, Phase::kBackward});
   }
+  bool backward_done(int s, int i) const { return step.at(s, i).backward_done; }
 };
 
 }  // namespace
@@ -255,7 +259,9 @@ void Executor::run_lists(Step& step, const std::vector<const std::vector<Task>*>
                         placement_.worker_of(task->stage), us(start), us(end)});
     }
     std::lock_guard<std::mutex> lock(step.mutex);
-    if (task->phase == Phase::kForward) step.at(task->stage, task->micro_batch).forward_done = true;
+    Slot& slot = step.at(task->stage, task->micro_batch);
+    if (task->phase == Phase::kForward) slot.forward_done = true;
+    if (task->phase == Phase::kBackward) slot.backward_done = true;
     step.notify_locked();
   }
 }

@@ -23,6 +23,12 @@ Placement Placement::make(ScheduleKind kind, int stages, const std::vector<at::D
                                   std::to_string(d) + " devices in stages, got " +
                                   std::to_string(stages));
     }
+  } else if (kind == ScheduleKind::kZeroBubbleV) {
+    if (stages != 2 * d) {
+      throw std::invalid_argument("with schedule='zbv', balance needs two stages per device (" +
+                                  std::to_string(2 * d) + " for the " + std::to_string(d) +
+                                  " devices), got " + std::to_string(stages));
+    }
   } else if (stages != d) {
     throw std::invalid_argument("balance has " + std::to_string(stages) +
                                 " stages but devices lists " + std::to_string(d) +
@@ -30,19 +36,26 @@ Placement Placement::make(ScheduleKind kind, int stages, const std::vector<at::D
   }
   Placement placement;
   placement.workers = d;
-  for (int s = 0; s < stages; ++s) placement.stage_devices.push_back(devices[s % d]);
+  placement.kind = kind;
+  for (int s = 0; s < stages; ++s) {
+    placement.stage_devices.push_back(devices[worker_of_stage(kind, s, d)]);
+  }
   return placement;
 }
 
-void Placement::validate(ScheduleKind kind) const {
+void Placement::validate() const {
   const int S = stages(), W = workers;
   if (S < 1) throw std::invalid_argument("a pipeline needs at least one stage");
   if (W < 1 || S % W != 0) {
     throw std::invalid_argument("workers (" + std::to_string(W) + ") must divide stages (" +
                                 std::to_string(S) + ")");
   }
-  if (W != S && kind != ScheduleKind::kInterleaved) {
-    throw std::invalid_argument("only the interleaved schedule runs several stages per worker");
+  if (kind == ScheduleKind::kZeroBubbleV && S != 2 * W) {
+    throw std::invalid_argument("the zbv schedule runs exactly two stages per worker");
+  }
+  if (W != S && kind != ScheduleKind::kInterleaved && kind != ScheduleKind::kZeroBubbleV) {
+    throw std::invalid_argument(
+        "only the interleaved and zbv schedules run several stages per worker");
   }
   for (int s = 0; s < S; ++s) {
     if (stage_devices[s] != stage_devices[worker_of(s)]) {
@@ -58,6 +71,15 @@ int default_stage_count(ScheduleKind kind, int devices, int64_t blocks, const st
   int stages = devices;
   if (kind == ScheduleKind::kInterleaved && 2 * static_cast<int64_t>(devices) <= blocks) {
     stages = 2 * devices;
+  }
+  if (kind == ScheduleKind::kZeroBubbleV) {
+    stages = 2 * devices;
+    if (stages > blocks) {
+      throw std::invalid_argument("schedule='zbv' runs two stages per device: devices lists " +
+                                  std::to_string(devices) + " devices, so the module needs " +
+                                  std::to_string(stages) + " " + what + ", but it has only " +
+                                  std::to_string(blocks));
+    }
   }
   if (stages > blocks) {
     throw std::invalid_argument("devices lists " + std::to_string(devices) +

@@ -6,9 +6,13 @@
 
 namespace shardpipe {
 
-enum class Phase : uint8_t { kForward, kBackward };
+// kBackward is the whole backward of a stage, except in the zero-bubble schedules, which
+// split it: kBackward is then the gradient of the stage's inputs (what the previous stage
+// waits for) and kWeight the gradient of its parameters (what nobody waits for).
+enum class Phase : uint8_t { kForward, kBackward, kWeight };
 
-// One unit of pipeline work: a stage's forward or backward for one micro-batch.
+// One unit of pipeline work: a stage's forward, backward or weight gradient for one
+// micro-batch.
 struct Task {
   int stage;
   int micro_batch;
@@ -19,31 +23,50 @@ struct Task {
 };
 
 enum class ScheduleKind {
-  kGPipe,        // fill-drain: every forward, then every backward
-  kOneFOneB,     // one forward one backward: at most `stages` micro-batches alive per stage
-  kInterleaved,  // 1F1B over several virtual stages per worker (Megatron-LM style)
+  kGPipe,         // fill-drain: every forward, then every backward
+  kOneFOneB,      // one forward one backward: at most `stages` micro-batches alive per stage
+  kInterleaved,   // 1F1B over several virtual stages per worker (Megatron-LM style)
+  kZeroBubbleH1,  // ZB-H1 (Qi et al. 2024): 1F1B with the weight gradients moved into its bubbles
+  kZeroBubbleV,   // ZB-V: two stages per worker in a V, weight gradients filling the bubbles
 };
 
-// Parses "gpipe", "1f1b" or "interleaved"; throws std::invalid_argument otherwise.
+// Parses a name of schedule_names(); throws std::invalid_argument otherwise.
 ScheduleKind parse_schedule(const std::string& name);
 std::string schedule_name(ScheduleKind kind);
 
 // Every name parse_schedule accepts, in the order the docs list them.
 const std::vector<std::string>& schedule_names();
 
+// Whether the schedule splits each backward into B (input gradient) and W (weight gradient).
+bool splits_backward(ScheduleKind kind);
+
+// The worker that runs `stage`: stage % workers, except for kZeroBubbleV, whose V puts stages
+// w and 2 * workers - 1 - w on worker w (the first and the last stage share worker 0). The one
+// home of this rule: schedules and placements both ask it.
+int worker_of_stage(ScheduleKind kind, int stage, int workers);
+
 // The one rule for when a task may start, shared by `simulate` (on paper) and the executor
 // (with tensors): F(s, i) once its input has arrived (the caller's micro-batch on stage 0,
 // F(s-1, i)'s output elsewhere); B(s, i) once F(s, i) is done and the gradient of its outputs
-// has arrived (B(s+1, i)'s; on the last stage the loss's or the caller's gradient). `State`
-// answers has_input(s, i), forward_done(s, i) and has_grad(s, i).
+// has arrived (B(s+1, i)'s; on the last stage the loss's or the caller's gradient); W(s, i)
+// once B(s, i) is done (it takes the gradients B left behind). `State` answers
+// has_input(s, i), forward_done(s, i), has_grad(s, i) and backward_done(s, i).
 template <typename State>
 bool may_start(const Task& t, const State& state) {
-  if (t.phase == Phase::kForward) return state.has_input(t.stage, t.micro_batch);
-  return state.forward_done(t.stage, t.micro_batch) && state.has_grad(t.stage, t.micro_batch);
+  switch (t.phase) {
+    case Phase::kForward:
+      return state.has_input(t.stage, t.micro_batch);
+    case Phase::kBackward:
+      return state.forward_done(t.stage, t.micro_batch) && state.has_grad(t.stage, t.micro_batch);
+    case Phase::kWeight:
+      return state.backward_done(t.stage, t.micro_batch);
+  }
+  return false;
 }
 
 // A schedule is data: for every worker, the order in which it runs its tasks. Stage s runs on
-// worker s % workers, so `stages / workers` virtual stages share a worker when interleaving.
+// worker worker_of_stage(kind, s, workers), so virtual stages share a worker when interleaving
+// (and in the V of kZeroBubbleV).
 struct Schedule {
   ScheduleKind kind;
   int stages;
@@ -51,24 +74,47 @@ struct Schedule {
   int workers;
   std::vector<std::vector<Task>> per_worker;
 
-  int worker_of(int stage) const { return stage % workers; }
-  // The same order restricted to one phase (the forward of `pipe(x)`, the backward that
-  // autograd later asks for).
+  int worker_of(int stage) const { return worker_of_stage(kind, stage, workers); }
+  // The same order restricted to one phase (the forward of `pipe(x)`).
   Schedule only(Phase phase) const;
+  // The same order without one phase (the backward of `pipe(x)`: B, and W when split).
+  Schedule without(Phase phase) const;
 };
 
-// Builds the schedule; `workers` must divide `stages` (and equal it except for kInterleaved).
-// Throws std::invalid_argument for impossible shapes.
+// Builds the schedule; `workers` must divide `stages` and equal it, except for kInterleaved
+// (any divisor) and kZeroBubbleV (stages = 2 * workers). Throws std::invalid_argument for
+// impossible shapes.
 Schedule make_schedule(ScheduleKind kind, int stages, int micro_batches, int workers);
 
 // Runs the schedule on paper: every worker takes its tasks in order, each once its
 // dependencies are done. Reports whether everything ran and, per stage, the largest number
-// of micro-batches whose forward was done and backward not yet (the activations alive).
+// of micro-batches whose activations were alive: forward done and backward not yet, or, when
+// the schedule splits the backward, forward done and weight gradient not yet (W still needs
+// the stage's graph).
 struct ScheduleCheck {
   bool complete = false;
   std::string problem;  // empty when complete
   std::vector<int> peak_alive;
 };
 ScheduleCheck simulate(const Schedule& schedule);
+
+// What a task costs on paper. B costs `backward` and W `weight` when the schedule splits the
+// backward; an unsplit B costs both.
+struct TaskCosts {
+  double forward = 1.0;
+  double backward = 1.0;
+  double weight = 1.0;
+};
+
+// When each task runs if every worker takes its tasks in order, each as soon as its
+// dependencies are done and the worker is free (the schedule's theory: its bubble, its
+// length). Throws std::invalid_argument if the schedule deadlocks.
+struct TimedTask {
+  Task task;
+  int worker;
+  double start;
+  double end;
+};
+std::vector<TimedTask> timeline(const Schedule& schedule, const TaskCosts& costs);
 
 }  // namespace shardpipe

@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include "shardpipe/pipeline/autograd.h"
+#include "shardpipe/pipeline/backward_split.h"
 #include "shardpipe/pipeline/stage_stream.h"
 
 namespace shardpipe {
@@ -28,10 +29,16 @@ void StageWorker::run(Step& step, const Task& task) {
   if (!device_.is_cpu()) device_guard.reset_device(device_);
   StreamsGuard stream_guard({stream_});
   GeneratorLocksInherited serving(step.generators_held_by_caller);
-  if (task.phase == Phase::kForward) {
-    forward(step, task.micro_batch);
-  } else {
-    backward(step, task.micro_batch);
+  switch (task.phase) {
+    case Phase::kForward:
+      forward(step, task.micro_batch);
+      break;
+    case Phase::kBackward:
+      backward(step, task.micro_batch);
+      break;
+    case Phase::kWeight:
+      weight(step, task.micro_batch);
+      break;
   }
 }
 
@@ -166,40 +173,10 @@ Activations StageWorker::recompute(Step& step, int i, Slot& slot) {
   return replay_locked();
 }
 
-namespace {
-
-// Gives a recomputation the buffers its forward found (batch-norm statistics, counters) and
-// puts the present values back once the recomputed graph has been used: its backward may
-// read a buffer it saved, which must then hold what the recomputation made of it. Both
-// writes go through an alias with a version counter of its own: the other micro-batches'
-// graphs, which may have saved these buffers too, find them unchanged in value and version.
-class BuffersAsSeen {
- public:
-  explicit BuffersAsSeen(std::vector<std::pair<at::Tensor, at::Tensor>>& seen) : seen_(seen) {
-    at::NoGradGuard no_grad;
-    for (auto& [buffer, value] : seen_) {
-      now_.push_back(buffer.clone());
-      buffer.variable_data().copy_(value);
-    }
-  }
-  ~BuffersAsSeen() {
-    at::NoGradGuard no_grad;
-    for (size_t k = 0; k < now_.size(); ++k) seen_[k].first.variable_data().copy_(now_[k]);
-  }
-  BuffersAsSeen(const BuffersAsSeen&) = delete;
-  BuffersAsSeen& operator=(const BuffersAsSeen&) = delete;
-
- private:
-  std::vector<std::pair<at::Tensor, at::Tensor>>& seen_;
-  std::vector<at::Tensor> now_;
-};
-
-}  // namespace
-
 void StageWorker::backward(Step& step, int i) {
   Slot& slot = step.at(stage_, i);
-  std::optional<BuffersAsSeen> buffers;
-  if (slot.checkpointed) buffers.emplace(slot.buffers_seen);
+  std::shared_ptr<BuffersAsSeen> buffers;
+  if (slot.checkpointed) buffers = std::make_shared<BuffersAsSeen>(std::move(slot.buffers_seen));
   Activations outputs = slot.checkpointed ? recompute(step, i, slot) : std::move(slot.output);
   std::vector<at::Tensor> roots, grads;
   if (step.fused && last_) {
@@ -218,17 +195,24 @@ void StageWorker::backward(Step& step, int i) {
       }
     }
   }
-  if (!roots.empty()) torch::autograd::backward(roots, grads);
   Activations input_grads(slot.sinks.size());
-  for (size_t k = 0; k < slot.sinks.size(); ++k) {
-    if (slot.sinks[k]) input_grads[k] = take_sink_gradient(slot.sinks[k]);
+  if (step.split_backward) {
+    // The recomputed graph of a checkpointed micro-batch serves W too.
+    auto later = std::make_shared<WeightGradients>();
+    if (!roots.empty()) input_grads = backward_inputs(roots, grads, slot.sinks, *later);
+    slot.weights = std::move(later);
+    slot.buffers_as_seen = std::move(buffers);  // W may read what the recomputation saved
+  } else {
+    if (!roots.empty()) torch::autograd::backward(roots, grads);
+    for (size_t k = 0; k < slot.sinks.size(); ++k) {
+      if (slot.sinks[k]) input_grads[k] = take_sink_gradient(slot.sinks[k]);
+    }
   }
   slot.sinks.clear();
   slot.input.clear();
   slot.input_structure.reset();
   slot.input_has_grad.clear();
   buffers.reset();
-  slot.buffers_seen.clear();
   slot.rng = RngState();
   slot.rng_after = RngState();
   roots.clear();
@@ -239,6 +223,13 @@ void StageWorker::backward(Step& step, int i) {
   } else {
     step.input_grads[i] = std::move(input_grads);
   }
+}
+
+void StageWorker::weight(Step& step, int i) {
+  Slot& slot = step.at(stage_, i);
+  std::shared_ptr<WeightGradients> later = std::move(slot.weights);
+  if (later) backward_weights(*later);
+  slot.buffers_as_seen.reset();
 }
 
 }  // namespace shardpipe

@@ -11,14 +11,15 @@
 
 namespace shardpipe {
 
-// Runs the tasks of one stage: takes what a task consumes from the transport, calls the stage
-// (on its device, with its stream current, replaying the random state when it recomputes a
-// checkpointed forward), runs autograd from the stage's outputs into its parameters and
-// inputs, and hands what the task made to the transport. Which thread calls it, and when, is
-// the executor's business.
 // The stage's buffers (running statistics...), asked for when a forward is checkpointed.
 using BuffersFn = std::function<std::vector<at::Tensor>()>;
 
+// Runs the tasks of one stage: takes what a task consumes from the transport, calls the stage
+// (on its device, with its stream current, replaying the random state when it recomputes a
+// checkpointed forward), runs autograd from the stage's outputs into its parameters and
+// inputs (or, when the schedule splits the backward, into its inputs in B and its parameters
+// in W: backward_split.h), and hands what the task made to the transport. Which thread calls it,
+// and when, is the executor's business.
 class StageWorker {
  public:
   StageWorker(int stage, int stages, StageFn fn, BuffersFn buffers, at::Device device,
@@ -41,6 +42,7 @@ class StageWorker {
  private:
   void forward(Step& step, int i);
   void backward(Step& step, int i);
+  void weight(Step& step, int i);
   // Calls the stage on `input`, each input that wants a gradient behind a sink (kept in the
   // slot); `structure` goes in as the input's and comes out as the output's. On the last
   // stage of a train_step, returns the weighted loss instead.

@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -17,6 +18,8 @@
 #include "shardpipe/pipeline/checkpoint.h"
 
 namespace shardpipe {
+
+struct WeightGradients;  // backward_split.h
 
 // What flows between stages: the tensors of one micro-batch (one, or a tuple's worth).
 using Activations = std::vector<at::Tensor>;
@@ -48,6 +51,34 @@ using LossFn = std::function<at::Tensor(const Activations& outputs, const Struct
 // c10::intrusive_ptr; the edge type says which this build has.
 using NodePtr = decltype(torch::autograd::Edge::function);
 
+// Gives a recomputation the buffers its checkpointed forward found (batch-norm statistics,
+// counters: `seen`, pairs of buffer and value) and puts the present values back when
+// destroyed, once the recomputed graph has been used up: its backward (and weight gradient)
+// may read a buffer it saved, which must then hold what the recomputation made of it. Both
+// writes go through an alias with a version counter of its own: the other micro-batches'
+// graphs, which may have saved these buffers too, find them unchanged in value and version.
+class BuffersAsSeen {
+ public:
+  explicit BuffersAsSeen(std::vector<std::pair<at::Tensor, at::Tensor>> seen)
+      : seen_(std::move(seen)) {
+    at::NoGradGuard no_grad;
+    for (auto& [buffer, value] : seen_) {
+      now_.push_back(buffer.clone());
+      buffer.variable_data().copy_(value);
+    }
+  }
+  ~BuffersAsSeen() {
+    at::NoGradGuard no_grad;
+    for (size_t k = 0; k < now_.size(); ++k) seen_[k].first.variable_data().copy_(now_[k]);
+  }
+  BuffersAsSeen(const BuffersAsSeen&) = delete;
+  BuffersAsSeen& operator=(const BuffersAsSeen&) = delete;
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> seen_;
+  std::vector<at::Tensor> now_;
+};
+
 // What one (stage, micro-batch) keeps between its forward and its backward. Its `input` and
 // `grad` are also the mailbox a transport delivers into.
 struct Slot {
@@ -62,10 +93,14 @@ struct Slot {
   // Buffers the checkpointed forward changed (batch-norm statistics...) with the values it
   // found: the recomputation sees them too and leaves every buffer as it was.
   std::vector<std::pair<at::Tensor, at::Tensor>> buffers_seen;
+  // What B left for W when the schedule splits the backward (the graph, its gradients).
+  std::shared_ptr<WeightGradients> weights;
+  std::shared_ptr<BuffersAsSeen> buffers_as_seen;  // until W has used the recomputed graph
   bool checkpointed = false;
   bool has_input = false;
   bool forward_done = false;
   bool has_grad = false;
+  bool backward_done = false;
 };
 
 // One mini-batch on its way through the pipeline. Shared by the caller, the executor's
@@ -80,6 +115,8 @@ struct Step {
   Slot& at(int s, int i) { return slots[static_cast<size_t>(s) * micro_batches + i]; }
 
   bool grad_enabled = false;
+  // The schedule splits each backward into B (input gradients) and W (weight gradients).
+  bool split_backward = false;
   // Generator locks the caller's thread holds; the workers then serialise on `own_generator`.
   std::vector<std::mutex*> generators_held_by_caller;
   std::mutex own_generator;
