@@ -151,6 +151,54 @@ def test_weights_used_twice_and_ops_with_several_outputs(block, schedule, thread
         pipe.close()
 
 
+class Hooked(nn.Module):
+    """A Linear whose output (its addmm is a weight node) has a hook that scales its gradient
+    and counts its calls, and keeps its gradient (retain_grad): each must act once."""
+
+    def __init__(self, width, record):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.record = record
+
+    def forward(self, x):
+        h = self.linear(x)
+        if h.requires_grad:
+            h.retain_grad()
+            # Per layer: its forwards come in micro-batch order, whatever the threads.
+            self.record["retained"].setdefault(id(self), []).append(h)
+
+            def hook(grad):
+                self.record["calls"] += 1
+                return grad * 3
+
+            h.register_hook(hook)
+        return torch.tanh(h)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("schedule", ZB)
+def test_hooks_on_what_feeds_a_weight_act_once(schedule, threads):
+    results = {}
+    for name in ("1f1b", schedule):
+        record = {"calls": 0, "retained": {}}
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(8, 8), Hooked(8, record), nn.Linear(8, 8),
+                              Hooked(8, record), nn.Linear(8, 3))
+        x, target = torch.randn(8, 8), torch.randn(8, 3)
+        pipe = pipeline(model, name, threads, chunks=4)
+        pipe.train_step(x, target, nn.functional.mse_loss)
+        retained = [h.grad for layer in (model[1], model[3])
+                    for h in record["retained"][id(layer)]]
+        results[name] = (record["calls"], retained, take_grads(model))
+        pipe.close()
+    calls, retained, grads = results["1f1b"]
+    assert calls == 8  # two hooked layers x four micro-batches
+    assert results[schedule][0] == calls
+    for got, want in zip(results[schedule][1], retained):
+        torch.testing.assert_close(got, want)
+    assert_grads_close(results[schedule][2], grads)
+
+
 def bn_model(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8),

@@ -2,8 +2,11 @@
 
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <algorithm>
+#include <memory>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -51,6 +54,21 @@ std::unordered_map<Node*, bool> parameter_only(const std::vector<Node*>& roots,
   }
   return only;
 }
+
+// Keeps the gradients flowing into a node as its apply will see them: after its tensor
+// hooks, retain_grad and earlier pre-hooks ran (it is added last).
+class RecordGradients : public torch::autograd::FunctionPreHook {
+ public:
+  explicit RecordGradients(std::shared_ptr<torch::autograd::variable_list> into)
+      : into_(std::move(into)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    *into_ = grads;
+    return grads;
+  }
+
+ private:
+  std::shared_ptr<torch::autograd::variable_list> into_;
+};
 
 }  // namespace
 
@@ -117,6 +135,17 @@ std::vector<at::Tensor> backward_inputs(const std::vector<at::Tensor>& outputs,
   for (const auto& node : weight_nodes) {
     for (uint32_t slot = 0; slot < node->num_inputs(); ++slot) wanted.emplace_back(node, slot);
   }
+  // A weight node's hooks must run once: in B, where the node runs for its input gradients.
+  // The engine captures a running node's gradients before its hooks, so they are recorded
+  // after them instead, and W runs without them.
+  std::vector<std::shared_ptr<torch::autograd::variable_list>> recorded;
+  std::vector<torch::autograd::FunctionPreHook*> recorders;
+  for (const auto& node : weight_nodes) {
+    recorded.push_back(std::make_shared<torch::autograd::variable_list>());
+    auto hook = std::make_unique<RecordGradients>(recorded.back());
+    recorders.push_back(hook.get());
+    node->add_pre_hook(std::move(hook));
+  }
   // Not accumulating, with outputs named, the engine runs only the nodes on a path to them,
   // and each node computes only the outputs whose edge is on such a path (a weight node's
   // parameter edges are not): B does none of W's work. keep_graph: W runs the weight nodes
@@ -125,9 +154,23 @@ std::vector<at::Tensor> backward_inputs(const std::vector<at::Tensor>& outputs,
       now_roots, now_grads, /*keep_graph=*/true, /*create_graph=*/false,
       /*accumulate_grad=*/false, wanted);
   for (size_t k = 0; k < sink_index.size(); ++k) input_grads[sink_index[k]] = captured[k];
-  for (size_t k = first_weight; k < wanted.size(); ++k) {
-    later.roots.push_back(wanted[k]);
-    later.grads.push_back(std::move(captured[k]));
+  size_t k = first_weight;
+  for (size_t w = 0; w < weight_nodes.size(); ++w) {
+    Node& node = *weight_nodes[w];
+    auto& pre_hooks = node.pre_hooks();
+    pre_hooks.erase(std::find_if(pre_hooks.begin(), pre_hooks.end(),
+                                 [&](const auto& h) { return h.get() == recorders[w]; }));
+    const bool ran = !recorded[w]->empty();
+    if (ran) {
+      node.tensor_pre_hooks().clear();
+      node.retains_grad_hooks().clear();
+      pre_hooks.clear();
+    }
+    for (uint32_t slot = 0; slot < node.num_inputs(); ++slot, ++k) {
+      later.roots.push_back(wanted[k]);
+      // A node the engine only captured at (it did not run) had its tensor hooks applied.
+      later.grads.push_back(ran ? (*recorded[w])[slot] : std::move(captured[k]));
+    }
   }
   // W must not flow back into the graph B went through: edges are reset in place
   // (set_next_edge would insist the node has no parent yet). What only B needed goes now, as
