@@ -33,11 +33,15 @@ failed=()
 echo "== pytest tests/python tests/stress"
 "$PY" -m pytest tests/python tests/stress "$@" || failed+=(pytest)
 
-echo "== GoogleTest (tests/cpp) through CMake and ctest"
-if cmake -S . -B build/cmake -G Ninja -DPython_EXECUTABLE="$PY" \
-  -DGTEST_SOURCE_DIR="$GTEST_SOURCE_DIR" &&
-  cmake --build build/cmake -j "${MAX_JOBS:-2}" &&
-  (cd build/cmake && ctest --output-on-failure); then
+# SHARDPIPE_SANITIZE=address (or thread) builds and runs the C++ suite under that sanitizer,
+# in a build folder of its own.
+SANITIZE="${SHARDPIPE_SANITIZE:-}"
+BUILD="build/cmake${SANITIZE:+-$SANITIZE}"
+echo "== GoogleTest (tests/cpp) through CMake and ctest${SANITIZE:+, under ${SANITIZE}sanitizer}"
+if cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" \
+  -DGTEST_SOURCE_DIR="$GTEST_SOURCE_DIR" -DSHARDPIPE_SANITIZE="$SANITIZE" &&
+  cmake --build "$BUILD" -j "${MAX_JOBS:-2}" &&
+  (cd "$BUILD" && ctest --output-on-failure); then
   :
 else
   failed+=(ctest)
