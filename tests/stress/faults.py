@@ -43,26 +43,38 @@ class _RaiseInBackward(torch.autograd.Function):
 
 
 class Fault(nn.Module):
-    """Identity, except at micro-batch ``micro_batch`` in ``phase`` ("forward"/"backward")
-    while ``armed``."""
+    """``x * scale`` (``scale`` a parameter equal to one), raising at micro-batch
+    ``micro_batch`` in ``phase`` ("forward", "backward" or, with a zero-bubble schedule,
+    "weight": the gradient of ``scale``) while ``armed``."""
 
     def __init__(self):
         super().__init__()
         self.armed = None  # (micro_batch, phase)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.weight_gradients = 0
+        self.scale.register_hook(self._weight_gradient)
+
+    def _weight_gradient(self, grad):
+        # A stage's weight gradients run in micro-batch order.
+        here, self.weight_gradients = self.weight_gradients, self.weight_gradients + 1
+        if self.armed is not None and self.armed == (here % CHUNKS, "weight"):
+            raise InjectedError(f"injected into the weight gradient of micro-batch {here}")
+        return grad
 
     def forward(self, values):
         x, index = values
+        x = x * self.scale
         if self.armed is None:
-            return values
+            return x, index
         micro_batch, phase = self.armed
         here = int(index[0]) // (BATCH // CHUNKS)
         if here != micro_batch:
-            return values
+            return x, index
         if phase == "forward" and not sp._C.is_recomputing():
             raise InjectedError(f"injected into the forward of micro-batch {here}")
         if phase == "backward":
             return _RaiseInBackward.apply(x, f"the backward of micro-batch {here}"), index
-        return values
+        return x, index
 
 
 def model(stages, seed=0):
@@ -103,15 +115,17 @@ def baseline_grads(stages):
 
 
 def layout(schedule, stages):
-    devices = ["cpu"] * (stages // 2 if schedule == "interleaved" else stages)
+    two_per_device = schedule in ("interleaved", "zbv")
+    devices = ["cpu"] * (stages // 2 if two_per_device else stages)
     return devices, [3] * stages
 
 
-def positions(stages):
+def positions(stages, schedule):
     """Every (stage, micro-batch, phase) a fault can be injected at."""
+    phases = ("forward", "backward") + (("weight",) if schedule.startswith("zb") else ())
     for stage in range(stages):
         for micro_batch in range(CHUNKS):
-            for phase in ("forward", "backward"):
+            for phase in phases:
                 yield stage, micro_batch, phase
     for micro_batch in range(CHUNKS):
         yield stages - 1, micro_batch, "loss"
@@ -133,6 +147,7 @@ def inject(schedule, checkpoint, threads, stages, position):
     fault = net[3 * stage]
     if phase != "loss":
         fault.armed = (micro_batch, phase)
+        fault.weight_gradients = 0
     start = time.monotonic()
     try:
         pipe.train_step((x, index), y, loss_fn(micro_batch if phase == "loss" else None))

@@ -20,7 +20,7 @@ from torch import nn
 
 import shardpipe as sp
 
-SCHEDULES = ["gpipe", "1f1b", "interleaved"]
+SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb1p", "zbv"]
 CHECKPOINTS = ["never", "except_last", "always"]
 
 
@@ -28,9 +28,9 @@ CHECKPOINTS = ["never", "except_last", "always"]
 @pytest.mark.parametrize("schedule,checkpoint", list(itertools.product(SCHEDULES, CHECKPOINTS)))
 def test_a_fault_at_every_position_surfaces_and_the_pipeline_recovers(schedule, checkpoint,
                                                                        threads):
-    stages = 4 if schedule == "interleaved" else 3
+    stages = 4 if schedule in ("interleaved", "zbv") else 3
     problems = {}
-    for position in positions(stages):
+    for position in positions(stages, schedule):
         problem, seconds = inject(schedule, checkpoint, threads, stages, position)
         if problem is None and seconds > 1.0:
             problem = f"took {seconds:.2f} s"
