@@ -183,16 +183,16 @@ shardpipe::StageFn python_stage(py::object module) {
   };
 }
 
-// The stage's buffers, for the recomputation of a checkpointed forward.
-shardpipe::BuffersFn python_buffers(py::object module) {
+// A list-returning method of the stage module (buffers, parameters), called under the GIL.
+shardpipe::TensorsFn python_tensors(py::object module, const char* method) {
   auto fn = hold(std::move(module));
-  return [fn]() -> std::vector<at::Tensor> {
+  return [fn, method]() -> std::vector<at::Tensor> {
     keep_thread_state();
     py::gil_scoped_acquire gil;
     clear_stale_error();
     try {
       std::vector<at::Tensor> out;
-      for (const auto& b : fn->attr("buffers")()) out.push_back(THPVariable_Unpack(b.ptr()));
+      for (const auto& b : fn->attr(method)()) out.push_back(THPVariable_Unpack(b.ptr()));
       return out;
     } catch (py::error_already_set& e) {
       e.restore();
@@ -294,6 +294,18 @@ const char* phase_name(shardpipe::Phase p) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "shardpipe's C++ core";
   shardpipe::Executor::set_error_annotator(&annotate);
+  shardpipe::Executor::set_interrupt_check([]() -> std::exception_ptr {
+    // Signal handlers run on the main thread only; elsewhere this is a no-op.
+    if (!PyGILState_Check() && _PyOS_IsMainThread()) {
+      py::gil_scoped_acquire gil;
+      if (PyErr_CheckSignals() != 0) {
+        python_error error;
+        error.persist();
+        return std::make_exception_ptr(error);
+      }
+    }
+    return nullptr;
+  });
 
   m.def(
       "cuda_compiled",
@@ -433,26 +445,27 @@ PYBIND11_MODULE(_C, m) {
       "Median microseconds per task of a pipeline of C++ identity stages.");
 
   py::class_<shardpipe::Engine, std::shared_ptr<shardpipe::Engine>>(m, "Engine")
-      .def(
-          py::init([](std::vector<py::object> stages, std::vector<std::string> devices, int workers,
-                      int64_t chunks, const std::string& schedule, const std::string& checkpoint) {
-            std::vector<shardpipe::StageFn> fns;
-            std::vector<shardpipe::BuffersFn> buffers;
-            for (auto& s : stages) {
-              fns.push_back(python_stage(s));
-              buffers.push_back(python_buffers(s));
-            }
-            shardpipe::EngineOptions options;
-            for (const auto& d : devices) options.devices.emplace_back(d);
-            options.workers = workers;
-            options.chunks = chunks;
-            options.schedule = shardpipe::parse_schedule(schedule);
-            options.checkpoint = shardpipe::parse_checkpoint(checkpoint);
-            return shardpipe::Engine::create(std::move(fns), std::move(options),
-                                             std::move(buffers));
-          }),
-          py::arg("stages"), py::arg("devices"), py::arg("workers"), py::arg("chunks"),
-          py::arg("schedule"), py::arg("checkpoint"))
+      .def(py::init([](std::vector<py::object> stages, std::vector<std::string> devices,
+                       int workers, int64_t chunks, const std::string& schedule,
+                       const std::string& checkpoint, bool check_finite) {
+             std::vector<shardpipe::StageFn> fns;
+             std::vector<shardpipe::StageTensors> tensors;
+             for (auto& s : stages) {
+               fns.push_back(python_stage(s));
+               tensors.push_back({python_tensors(s, "buffers"), python_tensors(s, "parameters")});
+             }
+             shardpipe::EngineOptions options;
+             for (const auto& d : devices) options.devices.emplace_back(d);
+             options.workers = workers;
+             options.chunks = chunks;
+             options.schedule = shardpipe::parse_schedule(schedule);
+             options.checkpoint = shardpipe::parse_checkpoint(checkpoint);
+             options.check_finite = check_finite;
+             return shardpipe::Engine::create(std::move(fns), std::move(options),
+                                              std::move(tensors));
+           }),
+           py::arg("stages"), py::arg("devices"), py::arg("workers"), py::arg("chunks"),
+           py::arg("schedule"), py::arg("checkpoint"), py::arg("check_finite") = false)
       .def(
           "forward",
           [](shardpipe::Engine& e, const Activations& inputs, const std::vector<bool>& batched,

@@ -205,6 +205,10 @@ class Pipeline(nn.Module):
             saw, which the recomputation leaves as they were.
         deferred_batch_norm: replace BatchNorm layers by :class:`DeferredBatchNorm`, so the
             running statistics after a step equal those of one full-batch step.
+        check_finite: check every stage's outputs and gradients for NaN and Inf after each
+            task and raise naming the stage and micro-batch where one first appears (forward
+            or backward). Off by default: it costs a pass over the tensors (and, on a GPU, a
+            wait for it).
         nested: cut at a finer grain: a child that is a plain ``nn.Sequential`` (ResNet's
             ``layer3``, VGG's ``features``) counts as its own children, so a stage boundary
             may fall inside it and ``balance`` counts these blocks (ResNet-50: 23 instead
@@ -232,7 +236,7 @@ class Pipeline(nn.Module):
     """
 
     def __init__(self, module, devices=None, chunks=1, balance=None, schedule="gpipe",
-                 checkpoint="never", deferred_batch_norm=False, nested=False):
+                 checkpoint="never", deferred_batch_norm=False, nested=False, check_finite=False):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -244,6 +248,7 @@ class Pipeline(nn.Module):
         schedule = check_choice(schedule, "schedule", _C.schedule_names())
         checkpoint = check_choice(checkpoint, "checkpoint", _C.checkpoint_names())
         check_bool(deferred_batch_norm, "deferred_batch_norm")
+        check_bool(check_finite, "check_finite")
 
         if deferred_batch_norm:
             module = DeferredBatchNorm.convert(module)
@@ -288,6 +293,7 @@ class Pipeline(nn.Module):
         self._chunks = chunks
         self._schedule = schedule
         self._checkpoint = checkpoint
+        self._check_finite = check_finite
         self._build()
 
     def _build(self):
@@ -305,7 +311,8 @@ class Pipeline(nn.Module):
         engine = None
         if stages:
             engine = _C.Engine(list(stages), [str(d) for d in self._devices], self._workers,
-                               self._chunks, self._schedule, self._checkpoint)
+                               self._chunks, self._schedule, self._checkpoint,
+                               self._check_finite)
         self.__dict__["_engine"] = engine
         _live.add(self)
 

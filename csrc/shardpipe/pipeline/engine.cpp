@@ -56,12 +56,13 @@ Placement placement_of(size_t stages, EngineOptions& options) {
 }  // namespace
 
 std::shared_ptr<Engine> Engine::create(std::vector<StageFn> stages, EngineOptions options,
-                                       std::vector<BuffersFn> buffers) {
+                                       std::vector<StageTensors> tensors) {
   return std::shared_ptr<Engine>(
-      new Engine(std::move(stages), std::move(options), std::move(buffers)));
+      new Engine(std::move(stages), std::move(options), std::move(tensors)));
 }
 
-Engine::Engine(std::vector<StageFn> stages, EngineOptions options, std::vector<BuffersFn> buffers)
+Engine::Engine(std::vector<StageFn> stages, EngineOptions options,
+               std::vector<StageTensors> tensors)
     : options_(std::move(options)),
       placement_(placement_of(stages.size(), options_)),
       transport_(placement_, streams_) {
@@ -70,9 +71,9 @@ Engine::Engine(std::vector<StageFn> stages, EngineOptions options, std::vector<B
   }
   for (int s = 0; s < placement_.stages(); ++s) {
     stage_workers_.emplace_back(s, placement_.stages(), std::move(stages[s]),
-                                s < static_cast<int>(buffers.size()) ? buffers[s] : BuffersFn(),
+                                s < static_cast<int>(tensors.size()) ? tensors[s] : StageTensors(),
                                 placement_.stage_devices[s], streams_[s], options_.checkpoint,
-                                transport_);
+                                options_.check_finite, transport_);
   }
   executor_ = std::make_unique<Executor>(placement_, transport_, stage_workers_);
 }

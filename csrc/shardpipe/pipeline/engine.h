@@ -26,6 +26,9 @@ struct EngineOptions {
   int64_t chunks = 1;
   ScheduleKind schedule = ScheduleKind::kGPipe;
   CheckpointMode checkpoint = CheckpointMode::kNever;
+  // Each stage's outputs, input gradients and parameter gradients are checked for NaN/Inf
+  // after every task (a host sync on GPUs; off by default).
+  bool check_finite = false;
 };
 
 // The pipeline's phases: splits a mini-batch into micro-batches, has the executor run the
@@ -35,10 +38,10 @@ struct EngineOptions {
 // StageWorker (one stage's tasks), LocalTransport (hand-offs), Executor (threads and order).
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
-  // `buffers[s]` (optional) gives stage s's buffers, which a recomputation leaves as it
-  // found them.
+  // `tensors[s]` (optional) gives stage s's buffers, which a recomputation leaves as it found
+  // them, and its parameters, for check_finite.
   static std::shared_ptr<Engine> create(std::vector<StageFn> stages, EngineOptions options,
-                                        std::vector<BuffersFn> buffers = {});
+                                        std::vector<StageTensors> tensors = {});
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -68,7 +71,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   const EngineOptions& options() const { return options_; }
 
  private:
-  Engine(std::vector<StageFn> stages, EngineOptions options, std::vector<BuffersFn> buffers);
+  Engine(std::vector<StageFn> stages, EngineOptions options, std::vector<StageTensors> tensors);
 
   std::shared_ptr<Step> make_step(const Values& inputs, const std::vector<bool>& batched,
                                   bool training);

@@ -80,6 +80,17 @@ std::string threads_name(Threads threads) {
 
 void Executor::set_error_annotator(ErrorAnnotator a) { annotator_hook() = std::move(a); }
 
+namespace {
+
+Executor::InterruptCheck& interrupt_check() {
+  static Executor::InterruptCheck check;
+  return check;
+}
+
+}  // namespace
+
+void Executor::set_interrupt_check(InterruptCheck check) { interrupt_check() = std::move(check); }
+
 Executor::Executor(const Placement& placement, Transport& transport,
                    std::vector<StageWorker>& stages)
     : placement_(placement), transport_(transport), stages_(stages) {
@@ -190,7 +201,15 @@ void Executor::execute(Step& step, const Schedule& schedule,
   }
   if (!inline_lists.empty()) run_lists(step, inline_lists);
   std::unique_lock<std::mutex> lock(step.mutex);
-  step.changed.wait(lock, [&] { return step.pending == 0; });
+  // Waiting for the workers, the caller still answers an interrupt (Ctrl-C) in good time.
+  while (!step.changed.wait_for(lock, std::chrono::milliseconds(20),
+                                [&] { return step.pending == 0; })) {
+    if (!interrupt_check() || step.cancelled) continue;
+    lock.unlock();
+    auto interrupted = interrupt_check()();
+    if (interrupted) step.fail(interrupted, "the caller's thread, waiting for the workers");
+    lock.lock();
+  }
   lock.unlock();
   transport_.finish(step);
   lock.lock();

@@ -78,6 +78,11 @@ class Executor {
   int workers() const { return static_cast<int>(workers_.size()); }
 
   static void set_error_annotator(ErrorAnnotator annotator);
+  // Asked every few milliseconds while the caller's thread waits for the workers; an
+  // exception it returns (a KeyboardInterrupt the caller's signal handler raised) cancels
+  // the step and reaches the caller. The Python bindings install one.
+  using InterruptCheck = std::function<std::exception_ptr()>;
+  static void set_interrupt_check(InterruptCheck check);
 
  private:
   // What kAuto measured for one kind of phase: a schedule run with or without grad.

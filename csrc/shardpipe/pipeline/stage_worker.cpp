@@ -15,6 +15,13 @@ bool differentiable(const at::Tensor& t) {
   return t.defined() && (t.is_floating_point() || t.is_complex());
 }
 
+// The gradients accumulated so far: a NaN or Inf shows where it first enters.
+Activations parameter_grads(const std::vector<at::Tensor>& parameters) {
+  Activations grads;
+  for (const auto& p : parameters) grads.push_back(p.grad());
+  return grads;
+}
+
 Activations detached(const Activations& xs) {
   Activations out;
   out.reserve(xs.size());
@@ -23,6 +30,16 @@ Activations detached(const Activations& xs) {
 }
 
 }  // namespace
+
+void StageWorker::expect_finite(const Activations& xs, const char* what) const {
+  if (!check_finite_) return;
+  for (size_t k = 0; k < xs.size(); ++k) {
+    const auto& t = xs[k];
+    if (!t.defined() || !(t.is_floating_point() || t.is_complex()) || t.numel() == 0) continue;
+    TORCH_CHECK(at::isfinite(t).all().item<bool>(), "shardpipe: check_finite: the ", what, " ", k,
+                " of stage ", stage_, " holds NaN or Inf");
+  }
+}
 
 void StageWorker::run(Step& step, const Task& task) {
   c10::OptionalDeviceGuard device_guard;
@@ -99,8 +116,8 @@ void StageWorker::forward(Step& step, int i) {
       slot.input_structure = structure;
       slot.input_has_grad = input_has_grad;
       slot.buffers_seen.clear();
-      if (buffers_) {
-        for (auto& b : buffers_()) slot.buffers_seen.emplace_back(b, b.clone());
+      if (tensors_.buffers) {
+        for (auto& b : tensors_.buffers()) slot.buffers_seen.emplace_back(b, b.clone());
       }
     }
     at::AutoGradMode grad_mode(step.grad_enabled && !checkpointed);
@@ -126,12 +143,14 @@ void StageWorker::forward(Step& step, int i) {
     slot.output = out;
   }
   if (last_) {
+    expect_finite(out, step.fused ? "loss" : "output");
     Activations outputs = detached(out);
     if (step.fused) step.losses[i] = outputs[0];
     step.outputs[i] = std::move(outputs);
     if (i == 0) step.output_structure = std::move(structure);
     return;
   }
+  expect_finite(out, "output");
   // A checkpointed forward ran without a graph: whether its output needs a gradient is
   // known only when it is recomputed, so the next stage assumes it does.
   std::vector<bool> needs_grad;
@@ -218,6 +237,10 @@ void StageWorker::backward(Step& step, int i) {
   roots.clear();
   grads.clear();
   outputs.clear();
+  expect_finite(input_grads, "input gradient");
+  if (!step.split_backward && check_finite_ && tensors_.parameters) {
+    expect_finite(parameter_grads(tensors_.parameters()), "parameter gradient");
+  }
   if (stage_ > 0) {
     transport_.send_gradients(step, stage_, i, input_grads);
   } else {
@@ -229,6 +252,9 @@ void StageWorker::weight(Step& step, int i) {
   Slot& slot = step.at(stage_, i);
   std::shared_ptr<WeightGradients> later = std::move(slot.weights);
   if (later) backward_weights(*later);
+  if (check_finite_ && tensors_.parameters) {
+    expect_finite(parameter_grads(tensors_.parameters()), "parameter gradient");
+  }
   slot.buffers_as_seen.reset();
 }
 

@@ -11,8 +11,14 @@
 
 namespace shardpipe {
 
-// The stage's buffers (running statistics...), asked for when a forward is checkpointed.
-using BuffersFn = std::function<std::vector<at::Tensor>()>;
+// What the core asks of a stage's module besides calling it: its buffers (running
+// statistics...), when a forward is checkpointed; its parameters, when checking that
+// gradients are finite. Either may be empty (a stage without them).
+using TensorsFn = std::function<std::vector<at::Tensor>()>;
+struct StageTensors {
+  TensorsFn buffers;
+  TensorsFn parameters;
+};
 
 // Runs the tasks of one stage: takes what a task consumes from the transport, calls the stage
 // (on its device, with its stream current, replaying the random state when it recomputes a
@@ -22,15 +28,17 @@ using BuffersFn = std::function<std::vector<at::Tensor>()>;
 // and when, is the executor's business.
 class StageWorker {
  public:
-  StageWorker(int stage, int stages, StageFn fn, BuffersFn buffers, at::Device device,
-              std::optional<c10::Stream> stream, CheckpointMode checkpoint, Transport& transport)
+  StageWorker(int stage, int stages, StageFn fn, StageTensors tensors, at::Device device,
+              std::optional<c10::Stream> stream, CheckpointMode checkpoint, bool check_finite,
+              Transport& transport)
       : stage_(stage),
         last_(stage == stages - 1),
         fn_(std::move(fn)),
-        buffers_(std::move(buffers)),
+        tensors_(std::move(tensors)),
         device_(device),
         stream_(stream),
         checkpoint_(checkpoint),
+        check_finite_(check_finite),
         transport_(transport) {}
 
   // Runs `task` (of this stage) for `step`; throws what the stage threw.
@@ -48,6 +56,8 @@ class StageWorker {
   // stage of a train_step, returns the weighted loss instead.
   Activations call(Step& step, int i, const Activations& input,
                    const std::vector<bool>& input_has_grad, StructurePtr& structure);
+  // With check_finite: throws naming `what` unless every floating tensor of `xs` is finite.
+  void expect_finite(const Activations& xs, const char* what) const;
   // A checkpointed forward's graph, made again.
   Activations recompute(Step& step, int i, Slot& slot);
   // Generator locks serialise forwards that draw random numbers; a stage learns whether it
@@ -58,11 +68,12 @@ class StageWorker {
   int stage_;
   bool last_;
   StageFn fn_;
-  BuffersFn buffers_;
+  StageTensors tensors_;
   Draws draws_ = Draws::kUnknown;  // only this stage's tasks touch it, never two at once
   at::Device device_;
   std::optional<c10::Stream> stream_;
   CheckpointMode checkpoint_;
+  bool check_finite_;
   Transport& transport_;
 };
 
