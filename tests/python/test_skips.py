@@ -367,3 +367,15 @@ def test_stash_and_pop_check_their_arguments():
         sp.Pop("")
     with pytest.raises(TypeError, match="merge must be callable or None, got str"):
         sp.Pop("a", merge="cat")
+
+
+@pytest.mark.parametrize("kind", ["fx", "stash"])
+def test_balancing_helpers_carry_what_is_stashed(kind, make_pipeline):
+    model, seq = unet_and_sequential(kind)
+    model.eval()
+    x = images()
+    balance = sp.balance_by_size(seq, x[:2], 3)
+    assert len(balance) == 3 and sum(balance) == len(seq)
+    assert len(sp.balance_by_time(seq, x[:2], 3, repeats=1)) == 3
+    pipe = make_pipeline(seq, ["cpu"] * 3, chunks=CHUNKS, balance=balance)
+    torch.testing.assert_close(pipe(x), model(x))
