@@ -275,14 +275,18 @@ def test_fx_split_of_a_custom_model():
     assert clone.scale is not model.scale
 
 
-def test_fx_modules_whose_results_meet_get_children_of_their_own():
-    class Parallel(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
-            self.head = nn.Linear(4, 2)
+class TwoAndHead(nn.Module):
+    """Linears a and b and a head, for forwards that combine them in different ways."""
 
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+
+def test_fx_modules_whose_results_meet_get_children_of_their_own():
+    class Parallel(TwoAndHead):
         def forward(self, x):
             return self.head(self.a(x) + self.b(x))
 
@@ -300,14 +304,8 @@ def test_fx_modules_whose_results_meet_get_children_of_their_own():
 
 
 def test_fx_modules_that_cannot_be_separated_share_a_child_with_a_warning():
-    class Twice(nn.Module):
+    class Twice(TwoAndHead):
         """a runs before and after b: one child must hold both."""
-
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
-            self.head = nn.Linear(4, 2)
 
         def forward(self, x):
             return self.head(self.a(self.b(self.a(x))))
