@@ -164,26 +164,30 @@ def baseline(model, x, target):
 
 
 def assert_same_training(pipe, x, target, want, what):
+    """Output, loss, gradients and buffers of ``pipe`` equal ``baseline``'s (computed on the
+    CPU; ``pipe``'s values are compared where they are, moved to the CPU)."""
     out_want, loss_want, grads_want, x_grad_want, buffers_want = want
+    target = target.to(pipe.devices[-1])
     pipe.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
     out = pipe(x)
-    torch.testing.assert_close(out, out_want, msg=what)
+    torch.testing.assert_close(out.cpu(), out_want, msg=what)
     F.mse_loss(out, target).backward()
-    for name, param in pipe.named_parameters():
-        torch.testing.assert_close(param.grad, grads_want[name], atol=1e-5, rtol=1e-4,
-                                   msg=f"{what}: {name}")
-    torch.testing.assert_close(x.grad, x_grad_want, atol=1e-6, rtol=1e-5, msg=what)
+    assert_gradients(pipe, x, grads_want, x_grad_want, what)
     for name, buffer in pipe.named_buffers():  # batch-norm statistics moved once per batch
-        torch.testing.assert_close(buffer, buffers_want[name], msg=f"{what}: {name}")
+        torch.testing.assert_close(buffer.cpu(), buffers_want[name], msg=f"{what}: {name}")
 
     pipe.zero_grad(set_to_none=True)
     x.grad = None
     loss = pipe.train_step(x, target, F.mse_loss)
-    torch.testing.assert_close(loss, loss_want, msg=what)
+    torch.testing.assert_close(loss.cpu(), loss_want, msg=what)
+    assert_gradients(pipe, x, grads_want, x_grad_want, f"{what} (train_step)")
+
+
+def assert_gradients(pipe, x, grads_want, x_grad_want, what):
     for name, param in pipe.named_parameters():
-        torch.testing.assert_close(param.grad, grads_want[name], atol=1e-5, rtol=1e-4,
-                                   msg=f"{what} (train_step): {name}")
+        torch.testing.assert_close(param.grad.cpu(), grads_want[name], atol=1e-5, rtol=1e-4,
+                                   msg=f"{what}: {name}")
     torch.testing.assert_close(x.grad, x_grad_want, atol=1e-6, rtol=1e-5, msg=what)
 
 
@@ -200,6 +204,24 @@ def test_pipeline_cut_anywhere_inside_the_skips(kind, schedule, checkpoint, make
         pipe = make_pipeline(fresh, ["cpu"] * len(balance), chunks=CHUNKS, balance=balance,
                              schedule=schedule, checkpoint=checkpoint)
         assert list(pipe.state_dict()) == list(model.state_dict())
+        assert_same_training(pipe, x, target, want, f"balance {balance}")
+        pipe.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["fx", "stash"])
+def test_skipped_values_move_between_devices(kind, monkeypatch):
+    # The skips leave the CPU stage for the GPU ones and their gradients come back.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model, seq = unet_and_sequential(kind)
+    pristine = copy.deepcopy((model, seq))
+    x, target = images(), torch.randn(6, 2, 8, 8)
+    want = baseline(model, x, target)
+    n = len(seq)
+    for balance in ([2, n - 2], [1, n // 2, n - 1 - n // 2], [n - 2, 1, 1]):
+        _, fresh = copy.deepcopy(pristine)
+        devices = ["cpu", "cuda:0", "cuda:0"][: len(balance)]
+        pipe = sp.Pipeline(fresh, devices, chunks=CHUNKS, balance=balance)
         assert_same_training(pipe, x, target, want, f"balance {balance}")
         pipe.close()
 
