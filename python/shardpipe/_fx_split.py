@@ -261,7 +261,8 @@ def _build_child(model, group, values_in, value_out, root_state, created):
         len(group) == 1
         and single.op == "call_module"
         and "." not in single.target
-        and single.args == tuple(values_in[:1]) == tuple(values_in)
+        and len(values_in) == 1
+        and single.args == (values_in[0],)
         and not single.kwargs
         and single is value_out
     ):
@@ -438,9 +439,9 @@ def _warn_about_keys(model, seq, renamed):
             parts.append(
                 f"children {renamed} hold top-level modules of the model together with work "
                 "their forward does not let apart (a module called again after another one, "
-                "or one with state called with several arguments or with a forward that "
-                "follows train/eval), so their keys get the child's name "
-                "as an extra prefix"
+                "or one with state whose forward cannot be traced into: called with several "
+                "arguments, not traceable, or branching on train/eval), so their keys get "
+                "the child's name as an extra prefix"
             )
         if missing:
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")

@@ -100,11 +100,11 @@ def sequentialize(model):
       its buffers) joins its child, whose forward is then traced into, as is the forward
       of a module with state that values skip around (its child hands them on; a module
       without state is held as it is). Modules that cannot get a child of their own (one
-      called again after another module, one with state called with several arguments,
-      or one whose forward branches on ``self.training``, which a trace would fix) share
-      one, and their keys get its name as a prefix; a warning says so. Python-level
-      branches of the model's forward, e.g. on ``self.training``, are fixed as they are
-      when ``sequentialize`` is called.
+      called again after another module; one with state that would be traced into but is
+      called with several arguments, cannot be traced, or branches on ``self.training``,
+      which a trace would fix) share one, and their keys get its name as a prefix; a
+      warning says so. Python-level branches of the model's forward, e.g. on
+      ``self.training``, are fixed as they are when ``sequentialize`` is called.
 
     Granularity follows the model's top-level attributes: a ``features`` block stays one
     child (its keys ``features.0...`` need the name ``features``).
