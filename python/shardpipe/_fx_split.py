@@ -13,6 +13,7 @@ with state). Where the keys cannot stay the model's (modules that must share a c
 the forward never uses), a warning says so.
 """
 
+import collections
 import inspect
 import itertools
 import operator
@@ -176,17 +177,23 @@ def _split_with_fx(model):
     cuts = [i for i in range(len(ops) - 1) if alive[i]]
 
     # Keys keep their prefix only if everything under a top-level name lives in one child:
-    # drop the cuts inside the span of each name.
-    spans = {}
+    # drop the cuts inside the span of each name. A module without state has no keys, so
+    # each of its uses (a U-Net's one pooling layer) may go to a child of its own.
+    stateless = {name for name, child in model.named_children() if _stateless(child)}
+    spans, calls = {}, collections.Counter()
     for i, node in enumerate(ops):
         # Inputs made by call_module nodes are values, not references to a module.
         attrs = [used for used in node.all_input_nodes if used.op == "get_attr"]
         for used in [node, *attrs]:
             if used.op in ("call_module", "get_attr"):
                 name = _first_name(used.target)
+                calls[name] += used.op == "call_module"
+                if name in stateless:
+                    continue
                 lo, hi = spans.get(name, (i, i))
                 spans[name] = (min(lo, i), max(hi, i))
     cuts = [c for c in cuts if not any(lo <= c < hi for lo, hi in spans.values())]
+    reused = {name for name in stateless if calls[name] > 1}
 
     bounds = [-1, *cuts, len(ops) - 1]
     groups = [ops[bounds[k] + 1 : bounds[k + 1] + 1] for k in range(len(bounds) - 1)]
@@ -201,7 +208,8 @@ def _split_with_fx(model):
     built = []
     try:
         for group, value_in, value_out in zip(groups, inputs, outputs):
-            built.append(_build_child(model, group, value_in, value_out, root_state, created))
+            built.append(_build_child(model, group, value_in, value_out, root_state, created,
+                                      reused))
             root_tensors.update(built[-1][3])
     finally:
         _forget(model, created)
@@ -235,9 +243,10 @@ def _unique(name, taken):
     return candidate
 
 
-def _build_child(model, group, values_in, value_out, root_state, created):
+def _build_child(model, group, values_in, value_out, root_state, created, reused):
     """``(name, module, kind, root_tensors)`` for one group of fx nodes, which takes
-    ``values_in`` (one bare, several as a tuple) and returns ``value_out``.
+    ``values_in`` (one bare, several as a tuple) and returns ``value_out``. Modules in
+    ``reused`` (without state, called in several places) get a child per use.
 
     kind: "model" (the name is a top-level name of the model and the module carries exactly
     its keys), "glue" (no state of the model; the name is free) or "merged" (top-level
@@ -261,6 +270,7 @@ def _build_child(model, group, values_in, value_out, root_state, created):
         len(group) == 1
         and single.op == "call_module"
         and "." not in single.target
+        and single.target not in reused
         and len(values_in) == 1
         and single.args == (values_in[0],)
         and not single.kwargs
@@ -276,7 +286,8 @@ def _build_child(model, group, values_in, value_out, root_state, created):
         base = None if _stateless(getattr(model, modules[0])) else modules[0]
         module = _graph_module(model, group, attrs, values_in, value_out, base, foreign)
         if module is not None:
-            return modules[0], module, "model", root_tensors
+            kind = "glue" if modules[0] in reused else "model"  # "glue": named around others
+            return modules[0], module, kind, root_tensors
     module = _graph_module(model, group, attrs, values_in, value_out, None, foreign)
     if modules:
         return "_".join(modules), module, "merged", root_tensors
@@ -438,10 +449,10 @@ def _warn_about_keys(model, seq, renamed):
         if renamed:
             parts.append(
                 f"children {renamed} hold top-level modules of the model together with work "
-                "their forward does not let apart (a module called again after another one, "
-                "or one with state whose forward cannot be traced into: called with several "
-                "arguments, not traceable, or branching on train/eval), so their keys get "
-                "the child's name as an extra prefix"
+                "their forward does not let apart (a module with state called again after "
+                "another one, or one with state whose forward cannot be traced into: called "
+                "with several arguments, not traceable, or branching on train/eval), so their "
+                "keys get the child's name as an extra prefix"
             )
         if missing:
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")

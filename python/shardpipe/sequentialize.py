@@ -99,12 +99,13 @@ def sequentialize(model):
       children, so that its keys keep their prefix; glue inside its span (an add of one of
       its buffers) joins its child, whose forward is then traced into, as is the forward
       of a module with state that values skip around (its child hands them on; a module
-      without state is held as it is). Modules that cannot get a child of their own (one
-      called again after another module; one with state that would be traced into but is
-      called with several arguments, cannot be traced, or branches on ``self.training``,
-      which a trace would fix) share one, and their keys get its name as a prefix; a
-      warning says so. Python-level branches of the model's forward, e.g. on
-      ``self.training``, are fixed as they are when ``sequentialize`` is called.
+      without state is held as it is, and each of its uses, a U-Net's one pooling layer,
+      gets a child: it has no keys). Modules that cannot get a child of their own (one
+      with state called again after another module; one with state that would be traced
+      into but is called with several arguments, cannot be traced, or branches on
+      ``self.training``, which a trace would fix) share one, and their keys get its name
+      as a prefix; a warning says so. Python-level branches of the model's forward, e.g.
+      on ``self.training``, are fixed as they are when ``sequentialize`` is called.
 
     Granularity follows the model's top-level attributes: a ``features`` block stays one
     child (its keys ``features.0...`` need the name ``features``).

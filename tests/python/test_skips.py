@@ -226,6 +226,57 @@ def test_skipped_values_move_between_devices(kind, monkeypatch):
         pipe.close()
 
 
+class SharedPool(TinyUNet):
+    """One pooling layer for both levels, as U-Nets are often written."""
+
+    def forward(self, x):
+        d1 = self.down1(x)
+        d2 = self.down2(self.pool1(d1))
+        b = self.bottom(self.pool1(d2))
+        u2 = self.dec2(torch.cat([self.up2(b), d2], 1))
+        return self.head(self.dec1(torch.cat([self.up1(u2), d1], 1)))
+
+
+def test_fx_module_without_state_used_twice_gets_a_child_per_use(make_pipeline):
+    torch.manual_seed(0)
+    model = SharedPool()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seq = sp.sequentialize(model)
+    names = [name for name, _ in seq.named_children()]
+    assert names[:5] == ["down1", "pool1", "down2", "pool1_2", "bottom"]
+    assert list(seq.state_dict()) == list(model.state_dict())
+    x, target = images(), torch.randn(6, 2, 8, 8)
+    assert torch.equal(seq(x), model(x))
+    pristine = copy.deepcopy((model, seq))
+    want = baseline(model, x, target)
+    for k in range(1, len(seq)):
+        _, fresh = copy.deepcopy(pristine)
+        pipe = make_pipeline(fresh, ["cpu", "cpu"], chunks=CHUNKS, balance=[k, len(seq) - k])
+        assert_same_training(pipe, x, target, want, f"cut after {k}")
+        pipe.close()
+
+
+class SharedAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.Tanh()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.act(self.fc(self.act(x)))
+
+
+def test_fx_module_without_state_used_twice_in_a_chain_is_not_one_child_twice():
+    model = SharedAct()
+    seq = sp.sequentialize(model)
+    # Distinct children: a Sequential (and a pipeline) would drop a repeated one.
+    assert [name for name, _ in seq.named_children()] == ["act", "fc", "act_2"]
+    assert seq.act is not seq.act_2
+    x = torch.randn(3, 4)
+    assert torch.equal(seq(x), model(x))
+
+
 class Carried(nn.Module):
     """``a``'s output reaches the loss only around ``mid`` (which multiplies it by zero)."""
 
