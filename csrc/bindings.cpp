@@ -3,6 +3,7 @@
 // module is what makes torch.ops.shardpipe.* appear. Here Python modules become the core's
 // stage callables (the GIL is taken only around the Python call) and Python exceptions keep
 // their type on their way through the engine's threads.
+#include <pybind11/gil_safe_call_once.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
@@ -119,9 +120,13 @@ const shardpipe::StructurePtr& flat_tuple() {
   return instance;
 }
 
+// Imported once and never released: a static py::object would be released at process exit,
+// after the interpreter is gone (a crash on exit), and its guard could deadlock with the GIL.
 py::module_& structure_module() {
-  static py::module_ module = py::module_::import("shardpipe._structure");
-  return module;
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::module_> storage;
+  return storage
+      .call_once_and_store_result([] { return py::module_::import("shardpipe._structure"); })
+      .get_stored();
 }
 
 // Needs the GIL.

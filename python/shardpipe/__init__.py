@@ -6,7 +6,10 @@ The public surface at a glance:
 - ``Pipeline(module, devices, chunks, balance, schedule, checkpoint, deferred_batch_norm,
   nested)``: a drop-in ``nn.Module`` running a sequential model as a pipeline; ``NoChunk``
   marks inputs passed whole; ``DeferredBatchNorm``; ``Trace``.
-- ``sequentialize(model)``: a model as an ``nn.Sequential`` of its own blocks, same keys.
+- ``sequentialize(model)``: a model as an ``nn.Sequential`` of its own blocks, same keys
+  (values that skip blocks carried through the blocks in between).
+- ``Stash(name)`` / ``Pop(name, merge)`` in a ``SkipSequential``: skip connections in a
+  hand-written Sequential that a pipeline may cut anywhere (``shardpipe.skip``).
 - ``balance_by_time(model, sample, partitions)`` / ``balance_by_size(...)``: children (or
   blocks, ``nested=True``) per pipeline stage, minimising the slowest / largest stage.
 - ``ColumnParallelLinear`` / ``RowParallelLinear``: ``nn.Linear`` drop-ins sharded over
@@ -25,6 +28,7 @@ from .pipeline import NoChunk, Pipeline
 from .sequentialize import sequentialize
 from .sharded_linear import ColumnParallelLinear, RowParallelLinear, Shard
 from .sharded_tensor import ShardedTensor
+from .skip import Pop, SkipSequential, Stash
 from .trace import Trace
 
 __all__ = [
@@ -32,9 +36,12 @@ __all__ = [
     "DeferredBatchNorm",
     "NoChunk",
     "Pipeline",
+    "Pop",
     "RowParallelLinear",
     "Shard",
     "ShardedTensor",
+    "SkipSequential",
+    "Stash",
     "Trace",
     "balance_by_size",
     "balance_by_time",

@@ -1,15 +1,21 @@
 """The ``torch.fx`` fallback of ``sequentialize``: cut a traced forward into a chain.
 
 The model's forward is traced with its top-level children (and the elements of top-level
-``ModuleList``/``ModuleDict``) as leaves, and cut wherever exactly one value flows from one
-operation to the rest. A top-level module is never split across children, so that its keys
-keep their prefix; each group of operations becomes a child: the model's own module when
-the group is just a call of it, else a ``GraphModule`` running the group over the model's
-own parameters and buffers. Where the keys cannot stay the model's (modules that must share
-a child, keys the forward never uses), a warning says so.
+``ModuleList``/``ModuleDict``) as leaves, and may be cut between any two operations: the
+values alive across a cut (a skip connection's source beside the main value) flow from
+child to child as one tuple, the value made last first and the others in the order they
+were made, so every block takes and returns what crosses its boundaries. A top-level
+module is never split across children, so that its keys keep their prefix; each group of
+operations becomes a child: the model's own module when the group is just a call of it on
+the one value alive, else a ``GraphModule`` running the group over the model's own
+parameters and buffers (holding a module without state itself, inlining the forward of one
+with state). Where the keys cannot stay the model's (modules that must share a child, keys
+the forward never uses), a warning says so.
 """
 
+import collections
 import inspect
+import itertools
 import operator
 import warnings
 
@@ -157,35 +163,44 @@ def _split_with_fx(model):
         return nn.Sequential()
 
     # A value is alive across the boundary after ops[i] when it is made at or before i and
-    # used after it; a cut is allowed where exactly one value is alive.
+    # used after it. A cut may fall wherever something is alive: the values alive there flow
+    # on as one tuple, each block taking and returning what crosses its boundaries.
     position = {node: i for i, node in enumerate(ops)}
     position[source] = -1
-    alive = [0] * len(ops)
-    for value in [source, *ops]:
+    alive = [[] for _ in ops]
+    for value in [source, *ops]:  # in the order they are made
         last = max(
             (len(ops) if user is output else position[user] for user in value.users), default=-1
         )
         for i in range(max(position[value], 0), last):
-            alive[i] += 1
-    cuts = [i for i in range(len(ops) - 1) if alive[i] == 1]
+            alive[i].append(value)
+    cuts = [i for i in range(len(ops) - 1) if alive[i]]
 
     # Keys keep their prefix only if everything under a top-level name lives in one child:
-    # drop the cuts inside the span of each name.
-    spans = {}
+    # drop the cuts inside the span of each name. A module without state has no keys, so
+    # each of its uses (a U-Net's one pooling layer) may go to a child of its own.
+    stateless = {name for name, child in model.named_children() if _stateless(child)}
+    spans, calls = {}, collections.Counter()
     for i, node in enumerate(ops):
         # Inputs made by call_module nodes are values, not references to a module.
         attrs = [used for used in node.all_input_nodes if used.op == "get_attr"]
         for used in [node, *attrs]:
             if used.op in ("call_module", "get_attr"):
                 name = _first_name(used.target)
+                calls[name] += used.op == "call_module"
+                if name in stateless:
+                    continue
                 lo, hi = spans.get(name, (i, i))
                 spans[name] = (min(lo, i), max(hi, i))
     cuts = [c for c in cuts if not any(lo <= c < hi for lo, hi in spans.values())]
+    reused = {name for name in stateless if calls[name] > 1}
 
     bounds = [-1, *cuts, len(ops) - 1]
     groups = [ops[bounds[k] + 1 : bounds[k + 1] + 1] for k in range(len(bounds) - 1)]
-    inputs = [_alive_value(ops, c, source, output) for c in [-1, *cuts]]
-    outputs = inputs[1:] + [output.args[0]]
+    # The main value (the one made last) first, then the carried ones in the order they
+    # were made: a fixed order that both sides of a boundary agree on.
+    inputs = [[source]] + [[alive[c][-1], *alive[c][:-1]] for c in cuts]
+    outputs = [_returned(values) for values in inputs[1:]] + [output.args[0]]
 
     root_state = dict(model.named_parameters(recurse=False))
     root_state.update(model.named_buffers(recurse=False))
@@ -193,7 +208,8 @@ def _split_with_fx(model):
     built = []
     try:
         for group, value_in, value_out in zip(groups, inputs, outputs):
-            built.append(_build_child(model, group, value_in, value_out, root_state, created))
+            built.append(_build_child(model, group, value_in, value_out, root_state, created,
+                                      reused))
             root_tensors.update(built[-1][3])
     finally:
         _forget(model, created)
@@ -213,16 +229,9 @@ def _split_with_fx(model):
     return seq
 
 
-def _alive_value(ops, cut, source, output):
-    """The one value alive across the boundary after ops[cut] (-1: the input)."""
-    if cut < 0:
-        return source
-    made = set(ops[: cut + 1]) | {source}
-    for node in [*ops[cut + 1 :], output]:
-        for used in node.all_input_nodes:
-            if used in made:
-                return used
-    raise AssertionError("a cut must have a live value")
+def _returned(values):
+    """What a block returns for the values alive after it: one bare, several as a tuple."""
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _unique(name, taken):
@@ -234,8 +243,10 @@ def _unique(name, taken):
     return candidate
 
 
-def _build_child(model, group, value_in, value_out, root_state, created):
-    """``(name, module, kind, root_tensors)`` for one group of fx nodes.
+def _build_child(model, group, values_in, value_out, root_state, created, reused):
+    """``(name, module, kind, root_tensors)`` for one group of fx nodes, which takes
+    ``values_in`` (one bare, several as a tuple) and returns ``value_out``. Modules in
+    ``reused`` (without state, called in several places) get a child per use.
 
     kind: "model" (the name is a top-level name of the model and the module carries exactly
     its keys), "glue" (no state of the model; the name is free) or "merged" (top-level
@@ -259,7 +270,9 @@ def _build_child(model, group, value_in, value_out, root_state, created):
         len(group) == 1
         and single.op == "call_module"
         and "." not in single.target
-        and single.args == (value_in,)
+        and single.target not in reused
+        and len(values_in) == 1
+        and single.args == (values_in[0],)
         and not single.kwargs
         and single is value_out
     ):
@@ -267,13 +280,22 @@ def _build_child(model, group, value_in, value_out, root_state, created):
 
     foreign = set(root_tensors) | set(created)
     if len(modules) == 1:
-        module = _graph_module(model, group, attrs, value_in, value_out, modules[0], foreign)
+        # A module without state has no keys to keep: the child holds it and its own forward
+        # runs (Dropout keeps following train/eval). One with state is inlined, so that the
+        # child holds its state directly.
+        base = None if _stateless(getattr(model, modules[0])) else modules[0]
+        module = _graph_module(model, group, attrs, values_in, value_out, base, foreign)
         if module is not None:
-            return modules[0], module, "model", root_tensors
-    module = _graph_module(model, group, attrs, value_in, value_out, None, foreign)
+            kind = "glue" if modules[0] in reused else "model"  # "glue": named around others
+            return modules[0], module, kind, root_tensors
+    module = _graph_module(model, group, attrs, values_in, value_out, None, foreign)
     if modules:
         return "_".join(modules), module, "merged", root_tensors
     return _glue_name(group), module, "glue", root_tensors
+
+
+def _stateless(module):
+    return next(itertools.chain(module.parameters(), module.buffers()), None) is None
 
 
 def _glue_name(group):
@@ -282,8 +304,8 @@ def _glue_name(group):
     return f"{group[0].name}_to_{group[-1].name}"
 
 
-def _graph_module(model, group, attrs, value_in, value_out, base, foreign):
-    """A GraphModule running ``group`` of ``model``'s graph.
+def _graph_module(model, group, attrs, values_in, value_out, base, foreign):
+    """A GraphModule running ``group`` of ``model``'s graph on ``values_in``.
 
     With ``base`` (a top-level module name) it holds ``model.<base>``'s state directly, so
     its keys are that module's keys; a call of ``<base>`` itself is inlined from a trace of
@@ -292,7 +314,14 @@ def _graph_module(model, group, attrs, value_in, value_out, base, foreign):
     """
     prefix = f"{base}." if base else ""
     graph = fx.Graph()
-    env = {value_in: graph.placeholder(value_in.name)}
+    if len(values_in) == 1:
+        env = {values_in[0]: graph.placeholder(values_in[0].name)}
+    else:
+        values = graph.placeholder("values")
+        env = {
+            node: graph.create_node("call_function", operator.getitem, (values, k), name=node.name)
+            for k, node in enumerate(values_in)
+        }
     objects = {}  # target in the new graph -> the object it names
 
     def retarget(target):
@@ -345,6 +374,8 @@ def _inline(graph, base_module, call, env, objects):
     if len(call.args) != 1 or call.kwargs:
         return None
     try:
+        if _follows_mode(base_module):
+            return None
         sub, created = _trace(base_module)
     except TypeError:
         return None
@@ -359,6 +390,23 @@ def _inline(graph, base_module, call, env, objects):
         return result
     finally:
         _forget(base_module, created)
+
+
+def _follows_mode(module):
+    """Whether a trace of ``module``'s forward depends on its training flag: a trace fixes
+    the branch taken, so such a module is not inlined."""
+    modes = {m: m.training for m in module.modules()}
+    codes = []
+    try:
+        for mode in (True, False):
+            module.train(mode)
+            graph, created = _trace(module)
+            _forget(module, created)
+            codes.append(graph.python_code("self").src)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return codes[0] != codes[1]
 
 
 def _resolve(model, target):
@@ -401,9 +449,10 @@ def _warn_about_keys(model, seq, renamed):
         if renamed:
             parts.append(
                 f"children {renamed} hold top-level modules of the model together with work "
-                "their forward does not let apart (several modules whose results meet, or a "
-                "module called with several arguments), so their keys get the child's name "
-                "as an extra prefix"
+                "their forward does not let apart (a module with state called again after "
+                "another one, or one with state whose forward cannot be traced into: called "
+                "with several arguments, not traceable, or branching on train/eval), so their "
+                "keys get the child's name as an extra prefix"
             )
         if missing:
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")

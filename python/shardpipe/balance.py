@@ -18,6 +18,7 @@ from . import _C
 from ._blocks import _blocks
 from ._checks import as_device, check_instance, check_int, check_number
 from .sequentialize import sequentialize
+from .skip import _Stage
 
 __all__ = ["balance_by_size", "balance_by_time"]
 
@@ -182,7 +183,8 @@ def _profile(layers, sample, device, cost):
         x = pytree.tree_map(
             lambda t: t.detach().to(device) if isinstance(t, torch.Tensor) else t, sample)
         for i, layer in enumerate(layers):
-            layer = copy.deepcopy(layer).to(device).train()
+            # Run as a one-block stage, so that stashed values flow on to their Pop.
+            layer = _Stage(copy.deepcopy(layer)).to(device).train()
             # Later stages also compute their input's gradient; the first one does not.
             x = _detach(x, requires_grad=i > 0)
             value, out = cost(layer, x)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from . import _C, _structure
+from . import _C, _structure, skip
 from ._blocks import _blocks
 from ._checks import as_device_list, check_bool, check_choice, check_int
 from .batchnorm import DeferredBatchNorm
@@ -128,13 +128,15 @@ def _refuse_sharing_across_devices(blocks, balance, stage_devices):
 def _stage_module(blocks):
     # Stage modules live outside the module tree, so their child names are free; a nested
     # block's dotted name gets underscores (a child name cannot hold a dot), made unique.
+    # A stage runs its blocks as a SkipSequential does: values stashed by a Stash in an
+    # earlier stage arrive with its input and what is still stashed leaves with its output.
     named = OrderedDict()
     for name, block in blocks:
         name = name.replace(".", "_")
         while name in named:
             name += "_"
         named[name] = block
-    return nn.Sequential(named)
+    return skip._Stage(named)
 
 
 def _flatten_inputs(inputs):

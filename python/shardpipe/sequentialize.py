@@ -2,9 +2,9 @@
 
 A pipeline cuts an ``nn.Sequential`` between children. ``sequentialize`` produces one from
 a model whose forward is a chain: torchvision's chain-of-blocks families by rule, anything
-else by cutting a ``torch.fx`` trace of its forward where exactly one value flows on (in
-``_fx_split``). This module holds the public function, the family rules and the glue modules
-they use; ``_assemble`` builds the ``Sequential`` for both.
+else by cutting a ``torch.fx`` trace of its forward, carrying skipped values through the
+blocks in between (in ``_fx_split``). This module holds the public function, the family
+rules and the glue modules they use; ``_assemble`` builds the ``Sequential`` for both.
 
 The children are the model's own modules (shared, not copied), named as in the model, so
 ``state_dict()`` keys stay the same. Glue that the model's forward does functionally
@@ -91,13 +91,21 @@ def sequentialize(model):
       ``flatten`` (and ViT's token handling) as parameter-free children.
     - Any other model: its forward is traced with ``torch.fx`` (top-level children, and the
       elements of top-level ``ModuleList``/``ModuleDict``, are not traced into) and cut
-      wherever exactly one value flows from one operation to the rest. A top-level module
-      is never split across children, so that its keys keep their prefix; glue around it
-      (a residual add) joins its child, whose forward is then traced into. Modules that
-      cannot get a child of their own (several whose results meet, one called with
-      several arguments) share one, and their keys get its name as a prefix; a warning
-      says so. Python-level branches, e.g. on ``self.training``, are fixed as they are
-      when ``sequentialize`` is called.
+      between any two operations. Values that skip blocks (a U-Net's skip connections, a
+      residual's input) are carried through the blocks in between: where several values
+      are alive, a child returns them as one tuple (the value made last first, then the
+      others in the order they were made) and the next child takes that tuple, so a
+      pipeline may cut anywhere inside a skip. A top-level module is never split across
+      children, so that its keys keep their prefix; glue inside its span (an add of one of
+      its buffers) joins its child, whose forward is then traced into, as is the forward
+      of a module with state that values skip around (its child hands them on; a module
+      without state is held as it is, and each of its uses, a U-Net's one pooling layer,
+      gets a child: it has no keys). Modules that cannot get a child of their own (one
+      with state called again after another module; one with state that would be traced
+      into but is called with several arguments, cannot be traced, or branches on
+      ``self.training``, which a trace would fix) share one, and their keys get its name
+      as a prefix; a warning says so. Python-level branches of the model's forward, e.g.
+      on ``self.training``, are fixed as they are when ``sequentialize`` is called.
 
     Granularity follows the model's top-level attributes: a ``features`` block stays one
     child (its keys ``features.0...`` need the name ``features``).

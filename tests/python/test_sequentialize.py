@@ -275,25 +275,83 @@ def test_fx_split_of_a_custom_model():
     assert clone.scale is not model.scale
 
 
-def test_fx_modules_that_cannot_be_separated_share_a_child_with_a_warning():
-    class Parallel(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
-            self.head = nn.Linear(4, 2)
+class TwoAndHead(nn.Module):
+    """Linears a and b and a head, for forwards that combine them in different ways."""
 
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+
+def test_fx_modules_whose_results_meet_get_children_of_their_own():
+    class Parallel(TwoAndHead):
         def forward(self, x):
             return self.head(self.a(x) + self.b(x))
 
     torch.manual_seed(0)
     model = Parallel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seq = shardpipe.sequentialize(model)
+    # x is carried past a, a's result past b: (a(x), x), then (b(x), a(x)).
+    assert [name for name, _ in seq.named_children()] == ["a", "b", "add", "head"]
+    check_same_keys(model, seq)
+    x = torch.randn(3, 4)
+    assert torch.equal(seq(x), model(x))
+    assert [t.shape for t in seq.a(x)] == [(3, 4), (3, 4)]
+
+
+def test_fx_modules_that_cannot_be_separated_share_a_child_with_a_warning():
+    class Twice(TwoAndHead):
+        """a runs before and after b: one child must hold both."""
+
+        def forward(self, x):
+            return self.head(self.a(self.b(self.a(x))))
+
+    torch.manual_seed(0)
+    model = Twice()
     with pytest.warns(UserWarning, match="prefix"):
         seq = shardpipe.sequentialize(model)
     assert [name for name, _ in seq.named_children()] == ["a_b", "head"]
     assert "a_b.a.weight" in seq.state_dict()
     x = torch.randn(3, 4)
     assert torch.equal(seq(x), model(x))
+
+
+def test_fx_module_following_train_and_eval_is_not_traced_into():
+    class Damped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.rand(4))
+
+        def forward(self, x):
+            return x * self.scale if self.training else x * self.scale / 2
+
+    class Around(nn.Module):
+        """x skips a module whose traced forward would keep the mode of the trace."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.damped = Damped()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.fc(x)
+            return self.head(x + self.damped(x))
+
+    torch.manual_seed(0)
+    model = Around()
+    with pytest.warns(UserWarning, match="prefix"):
+        seq = shardpipe.sequentialize(model)
+    assert "damped.damped.scale" in seq.state_dict()
+    x = torch.randn(6, 4)
+    for mode in (True, False, True):
+        model.train(mode)
+        seq.train(mode)
+        assert torch.equal(seq(x), model(x)), mode
 
 
 def test_data_dependent_control_flow_is_a_type_error():
