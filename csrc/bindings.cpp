@@ -299,9 +299,11 @@ const char* phase_name(shardpipe::Phase p) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "shardpipe's C++ core";
   shardpipe::Executor::set_error_annotator(&annotate);
-  shardpipe::Executor::set_interrupt_check([]() -> std::exception_ptr {
-    // Signal handlers run on the main thread only; elsewhere this is a no-op.
-    if (!PyGILState_Check() && _PyOS_IsMainThread()) {
+  // Signal handlers run on the main thread only; elsewhere the check is a no-op.
+  const auto main_thread =
+      py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+  shardpipe::Executor::set_interrupt_check([main_thread]() -> std::exception_ptr {
+    if (PyThread_get_thread_ident() == main_thread) {
       py::gil_scoped_acquire gil;
       if (PyErr_CheckSignals() != 0) {
         python_error error;
