@@ -29,6 +29,15 @@ __all__ = ["Plan", "autotune"]
 _TWO_STAGES_PER_DEVICE = ("interleaved", "zbv")
 
 
+def _size(n):
+    """Bytes for a table: B, KiB, MiB or GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
 class Plan:
     """What :func:`autotune` chose, and why.
 
@@ -77,17 +86,17 @@ class Plan:
                  f"  profile {self.profile_s:.2f} s (its cost), measuring {self.measure_s:.2f} s, "
                  f"total {self.total_s:.2f} s",
                  f"{'schedule':<12} {'chunks':>6} {'checkpoint':<12} {'balance':<16} "
-                 f"{'pred s':>9} {'bubble':>6} {'pred peak MiB':>14} {'fits':>4} "
-                 f"{'meas s':>9} {'meas MiB':>9}"]
+                 f"{'pred s':>9} {'bubble':>6} {'pred peak':>14} {'fits':>4} "
+                 f"{'meas s':>9} {'meas peak':>10}"]
         for row in self.table:
             measured = "" if row["measured_s"] is None else f"{row['measured_s']:.4f}"
             meas_mem = "" if not row["measured_bytes"] else \
-                f"{max(row['measured_bytes'].values()) / 2**20:.1f}"
+                _size(max(row["measured_bytes"].values()))
             lines.append(
                 f"{row['schedule']:<12} {row['chunks']:>6} {row['checkpoint']:<12} "
                 f"{str(row['balance']):<16} {row['predicted_s']:>9.4f} {row['bubble']:>6.2f} "
-                f"{max(row['predicted_bytes'].values()) / 2**20:>14.2f} "
-                f"{'yes' if row['fits'] else 'no':>4} {measured:>9} {meas_mem:>9}")
+                f"{_size(max(row['predicted_bytes'].values())):>14} "
+                f"{'yes' if row['fits'] else 'no':>4} {measured:>9} {meas_mem:>10}")
         if self.projection is not None:
             lines.append(self.projection)
         return "\n".join(lines)
@@ -100,7 +109,8 @@ def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks
     """Choose ``balance``, ``chunks``, ``schedule`` and ``checkpoint`` for a training step.
 
     1. Profiles each block once (on ``devices[0]``, in train mode, on copies, the RNG state
-       restored): forward, input-gradient and weight-gradient seconds (the fastest of
+       restored; on CPU with each CPU stage's share of ``torch.get_num_threads()``):
+       forward, input-gradient and weight-gradient seconds (the fastest of
        ``repeats`` after a warm-up; noise only adds time) and bytes of its input, output,
        saved activations, parameters (counted twice: their gradients) and buffers, at the
        full batch and at the smallest micro-batch; the loss is timed with the last block.
@@ -109,7 +119,8 @@ def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks
        ``"interleaved"`` and ``"zbv"``), balance from the exact partitioner
        (``_C.balance_partition``) over the measured block times, every count in ``chunks``
        and mode in ``checkpoints``; the C++ cost model replays each one's schedule with the
-       profile, the engine's per-task cost (``_C._engine_overhead``) and the copies between
+       profile, the engine's per-task cost (timed on a pipeline of stages that do next to
+       nothing; ``_C._engine_overhead`` is its C++ share) and the copies between
        devices, predicting step time, bubble and peak memory per device.
     3. Drops candidates over ``max_memory``, runs the ``measure`` fastest predicted for
        real (``steps`` timed ``train_step`` calls after a warm-up, on the executor's worker
@@ -370,8 +381,18 @@ def _profile(layers, sample, target, loss_fn, devices, small_rows, repeats, bar)
     device = devices[0]
     batch = _batch_rows(sample)
     sizes = [batch] if small_rows >= batch else [small_rows, batch]
-    per_size = {rows: _profile_rows(layers, sample, target, loss_fn, device, rows, repeats)
-                for rows in sizes}
+    # CPU stages run at once and share the intra-op threads: profile with one stage's share.
+    # (With all of them, a block waits for threads that other processes hold; it measures
+    # scheduler stalls of several milliseconds instead of its own work.)
+    threads = torch.get_num_threads()
+    cpu_stages = sum(d.type == "cpu" for d in devices)
+    if cpu_stages > 1:
+        torch.set_num_threads(max(1, threads // cpu_stages))
+    try:
+        per_size = {rows: _profile_rows(layers, sample, target, loss_fn, device, rows, repeats)
+                    for rows in sizes}
+    finally:
+        torch.set_num_threads(threads)
     blocks = []
     for k, layer in enumerate(layers):
         state = sum(p.numel() * p.element_size() for p in layer.parameters())
@@ -382,8 +403,39 @@ def _profile(layers, sample, target, loss_fn, devices, small_rows, repeats, bar)
     # Balanced by each block's time on the full batch: all of its work, fixed parts diluted.
     seconds = [b["large"]["forward"] + b["large"]["backward"] + b["large"]["weight"]
                for b in blocks]
-    overhead = _C._engine_overhead(max(2, len(devices)), 4, "workers", 5, True) * 1e-6
+    overhead = _task_overhead(max(2, len(devices)))
     return dict(blocks=blocks, block_seconds=seconds, task_overhead=overhead, device=str(device))
+
+
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def _task_overhead(stages, chunks=8):
+    """Seconds the engine adds to a task: a train_step of CPU stages that do next to nothing,
+    over its task count. ``_C._engine_overhead`` gives the C++ engine's own share; a Python
+    stage adds the GIL and the call, several times as much, so a Python one is timed."""
+    pipe = Pipeline(nn.Sequential(*[_Scale() for _ in range(stages)]), ["cpu"] * stages,
+                    chunks=chunks, schedule="1f1b")
+    try:
+        pipe._engine.threads = "workers"  # as the candidates are measured (see _measure)
+        x, y = torch.zeros(chunks, 1), torch.zeros(chunks, 1)
+        for _ in range(2):
+            pipe.train_step(x, y, nn.functional.mse_loss)
+        best = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            pipe.train_step(x, y, nn.functional.mse_loss)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        pipe.close()
+    # On paper the step is (chunks + stages - 1) tasks of F + B long: that is what it costs.
+    return best / (2 * (chunks + stages - 1))
 
 
 def _profile_rows(layers, sample, target, loss_fn, device, rows, repeats):
@@ -558,7 +610,7 @@ def _project(profile, batch, chunks, schedules, checkpoints, limits, target_devi
              f"per-task cost as measured here ({profile['task_overhead'] * 1e6:.0f} us), "
              f"batch {batch}; memory as the cost model counts it",
              f"{'devices':>7} {'schedule':<12} {'chunks':>6} {'checkpoint':<12} "
-             f"{'pred step s':>12} {'bubble':>6} {'peak MiB/device':>16}"]
+             f"{'pred step s':>12} {'bubble':>6} {'peak per device':>16}"]
     for n in counts:
         names = [f"cuda:{k}" for k in range(n)]
         best = None
@@ -582,5 +634,5 @@ def _project(profile, batch, chunks, schedules, checkpoints, limits, target_devi
             continue
         p, schedule, c, checkpoint, peak = best
         lines.append(f"{n:>7} {schedule:<12} {c:>6} {checkpoint:<12} {p['step_time']:>12.6f} "
-                     f"{p['bubble']:>6.2f} {peak / 2**20:>16.2f}")
+                     f"{p['bubble']:>6.2f} {_size(peak):>16}")
     return "\n".join(lines)
