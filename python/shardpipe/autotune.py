@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import _C
 from ._blocks import _blocks
-from ._checks import as_device_list, check_bool, check_instance, check_int, check_number
+from ._checks import as_device, as_device_list, check_bool, check_instance, check_int, check_number
 from .balance import _check_sample, _detach, _fresh, _graph_leaves, _synchronize
 from .pipeline import Pipeline
 from .sequentialize import sequentialize
@@ -191,7 +191,8 @@ def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks
 
     module = model if isinstance(model, nn.Sequential) else sequentialize(model)
     layers = [block for _, block in _blocks(module, nested)]
-    bar = _progress_bar(len(layers) + measure * (steps + 1), progress)
+    # Two profiled sizes per block, then a warm-up and the timed steps per measured candidate.
+    bar = _progress_bar(2 * len(layers) + measure * (steps + 1), progress)
     try:
         profile_start = time.perf_counter()
         if profile is None:
@@ -201,7 +202,7 @@ def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks
             raise ValueError(f"profile must be plan.profile of a model with {len(layers)} "
                              "blocks")
         else:
-            bar.update(len(layers))
+            bar.update(2 * len(layers))
         profile_s = time.perf_counter() - profile_start
 
         bar.set_description("autotune: predict")
@@ -311,8 +312,10 @@ def _batch_rows(sample):
 def _check_list(value, name, default, check):
     if value is None:
         return default
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
-        raise TypeError(f"{name} must be a non-empty list, got {type(value).__name__}")
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name} must not be empty")
     return sorted(dict.fromkeys(check(v, f"{name}[{i}]") for i, v in enumerate(value)))
 
 
@@ -335,7 +338,7 @@ def _check_max_memory(max_memory, devices):
     if isinstance(max_memory, dict):
         limits = {}
         for key, value in max_memory.items():
-            device = as_device_list([key], "max_memory's keys")[0]
+            device = as_device(key, f"max_memory's key {key!r}")
             limits[device] = check_number(value, f"max_memory[{key!r}]", 0)
         unknown = [str(d) for d in limits if d not in devices]
         if unknown:
@@ -389,7 +392,8 @@ def _profile(layers, sample, target, loss_fn, devices, small_rows, repeats, bar)
     if cpu_stages > 1:
         torch.set_num_threads(max(1, threads // cpu_stages))
     try:
-        per_size = {rows: _profile_rows(layers, sample, target, loss_fn, device, rows, repeats)
+        per_size = {rows: _profile_rows(layers, sample, target, loss_fn, device, rows, repeats,
+                                        lambda: bar.update(2 // len(sizes)))
                     for rows in sizes}
     finally:
         torch.set_num_threads(threads)
@@ -399,7 +403,6 @@ def _profile(layers, sample, target, loss_fn, devices, small_rows, repeats, bar)
         state = 2.0 * state + sum(b.numel() * b.element_size() for b in layer.buffers())
         blocks.append(dict(small=per_size[sizes[0]][k], large=per_size[batch][k],
                            resident_bytes=state))
-        bar.update(1)
     # Balanced by each block's time on the full batch: all of its work, fixed parts diluted.
     seconds = [b["large"]["forward"] + b["large"]["backward"] + b["large"]["weight"]
                for b in blocks]
@@ -438,8 +441,9 @@ def _task_overhead(stages, chunks=8):
     return best / (2 * (chunks + stages - 1))
 
 
-def _profile_rows(layers, sample, target, loss_fn, device, rows, repeats):
-    """One sample dict per block (BlockSample's fields, cost_model.h) at ``rows`` rows."""
+def _profile_rows(layers, sample, target, loss_fn, device, rows, repeats, done):
+    """One sample dict per block (BlockSample's fields, cost_model.h) at ``rows`` rows;
+    ``done()`` after each block."""
     devices = [device] if device.type == "cuda" else []
     out = []
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
@@ -457,6 +461,7 @@ def _profile_rows(layers, sample, target, loss_fn, device, rows, repeats):
                             input_bytes=_nbytes(x), output_bytes=_nbytes(made),
                             saved_bytes=saved, flops=flops))
             x = made
+            done()
     return out
 
 

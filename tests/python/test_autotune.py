@@ -163,6 +163,7 @@ def test_projection_is_labelled_a_prediction_for_2_4_8_devices():
     (dict(chunks=[64]), ValueError, r"chunks\[0\]"),
     (dict(schedules=["fast"]), ValueError, r"schedules\[0\]"),
     (dict(checkpoints="always"), TypeError, "checkpoints"),
+    (dict(schedules=[]), ValueError, "schedules"),
     (dict(measure=-1), ValueError, "measure"),
     (dict(progress=1), TypeError, "progress"),
     (dict(target_devices=8), ValueError, "device_flops"),
