@@ -123,8 +123,9 @@ TEST(CostModel, CheckpointingTradesARecomputedForwardForMemory) {
       EXPECT_LT(ckpt.peak_memory[s], plain.peak_memory[s] + 1e-9);
       // One micro-batch recomputed at a time; in a split backward the recomputed graph
       // serves W too, so zb1p may hold several between their B and their W.
-      if (!splits_backward(kind))
+      if (!splits_backward(kind)) {
         EXPECT_DOUBLE_EQ(ckpt.peak_memory[s], 2.0 * check.peak_alive[s] + 10.0);
+      }
     }
     EXPECT_GT(ckpt.step_time, plain.step_time);
   }
