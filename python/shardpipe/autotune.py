@@ -80,11 +80,21 @@ class Plan:
     def __repr__(self):
         return f"Plan({self.kwargs})"
 
+    def _calibration(self):
+        """How far the model was off where it can be checked: measured over predicted."""
+        ratios = [r["measured_s"] / r["predicted_s"] for r in self.table
+                  if r["measured_s"] is not None and r["predicted_s"] > 0]
+        if not ratios:
+            return []
+        return [f"  measured / predicted over the {len(ratios)} measured: "
+                f"{min(ratios):.2f} to {max(ratios):.2f}"]
+
     def __str__(self):
         lines = [f"autotune: {self.kwargs}",
                  f"  {self.reason}",
                  f"  profile {self.profile_s:.2f} s (its cost), measuring {self.measure_s:.2f} s, "
                  f"total {self.total_s:.2f} s",
+                 *self._calibration(),
                  f"{'schedule':<12} {'chunks':>6} {'checkpoint':<12} {'balance':<16} "
                  f"{'pred s':>9} {'bubble':>6} {'pred peak':>14} {'fits':>4} "
                  f"{'meas s':>9} {'meas peak':>10}"]

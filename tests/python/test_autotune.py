@@ -47,6 +47,7 @@ def test_the_chosen_configuration_gives_the_models_gradients():
     pipe.close()
     text = str(plan)
     assert "autotune:" in text and "pred s" in text and len(text.splitlines()) > len(plan.table)
+    assert "measured / predicted over the 2 measured" in text
 
 
 def peak(row):
