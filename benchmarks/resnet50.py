@@ -31,6 +31,12 @@ are stages (the same cores); ``single device, 1 thread`` is shown for scale. The
 pattern runs in one host thread and CPU operators do not return before they finish, so on
 CPU it cannot overlap its stages: it is measured as written, with one thread per stage.
 
+``--autotune`` adds two ways: ``shardpipe autotuned`` (the configuration
+``shardpipe.autotune`` chooses over the same chunk counts: balance, chunks, schedule,
+checkpointing) and ``shardpipe default`` (``Pipeline(model, devices)`` as it comes), and
+prints them beside the best of the sweep (shardpipe gpipe / 1f1b over ``--chunks``), with
+the seconds autotune took and the seconds the sweep's runs took.
+
 Outputs (``--out``, default benchmarks/out/): resnet50_ways.png (bar chart of the ways, each
 pipelined one at its best split size), resnet50_split_size.png (time against split size),
 resnet50_timeline_{gpipe,1f1b}.png/.json (Gantt chart and Chrome trace of one shardpipe
@@ -38,6 +44,8 @@ step at 1F1B's best chunk count).
 
     python benchmarks/resnet50.py --devices cpu cpu --batch 32 --image-size 64 --batches 1 \\
         --repeats 3 --chunks 1 2 4 8                    # CPU, a few minutes on 2 cores
+    python benchmarks/resnet50.py --devices cpu cpu --batch 32 --image-size 64 --batches 1 \\
+        --repeats 3 --chunks 1 2 4 8 --autotune         # the sweep against sp.autotune
     python benchmarks/resnet50.py                       # the tutorial's sizes on the GPUs
 
 On N GPUs: ``--devices cuda:0 cuda:1`` reproduces the tutorial's two-GPU figure (the
@@ -346,6 +354,9 @@ def parse_args():
                         help="skip the torch.distributed.pipelining peer")
     parser.add_argument("--peer-timeout", type=float, default=600,
                         help="seconds a torch.distributed.pipelining process waits on another")
+    parser.add_argument("--autotune", action="store_true",
+                        help="also run shardpipe.autotune's choice and the default Pipeline, "
+                             "and compare them with the best of the sweep")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = parser.parse_args()
     for name in ("batch", "image_size", "batches", "repeats", "classes"):
@@ -384,8 +395,10 @@ def main():
     # Profiled on a micro-batch of the middle of the sweep: the stage times that matter.
     middle = sorted(args.chunks)[len(args.chunks) // 2]
     sample = batches[0][0][:split_size(args.batch, middle)]
+    start = time.perf_counter()
     balance = args.balance or sp.balance_by_time(initial, sample, stages, device=devices[0],
                                                  nested=args.nested)
+    balance_s = time.perf_counter() - start
 
     def way(name, split, chunks, threads, step, way_batches):
         return name, split, chunks, timed_run(threads, step, way_batches, devices)
@@ -405,6 +418,20 @@ def main():
             ways.append(way("hand-written", split, chunks, stage_threads,
                             hand_step(hand, split, args.lr), batches))
     pipes = {}
+    plan = None
+    if args.autotune:
+        # Same data, same chunk counts and cuts as the sweep; one intra-op thread per stage.
+        plan = sp.autotune(fresh(), batches[0][0], batches[0][1], F.mse_loss, devices,
+                           chunks=args.chunks, nested=args.nested)
+        kwargs = plan.kwargs
+        pipe = sp.Pipeline(sp.sequentialize(fresh()), devices, **kwargs)
+        pipes["autotuned"] = pipe
+        ways.append(way("shardpipe autotuned", split_size(args.batch, kwargs["chunks"]),
+                        kwargs["chunks"], stage_threads, pipeline_step(pipe, args.lr), batches))
+        pipe = sp.Pipeline(sp.sequentialize(fresh()), devices)
+        pipes["default"] = pipe
+        ways.append(way("shardpipe default", args.batch, pipe.chunks, stage_threads,
+                        pipeline_step(pipe, args.lr), batches))
     for schedule in ("gpipe", "1f1b"):
         for chunks in args.chunks:
             pipe = sp.Pipeline(sp.sequentialize(fresh()), devices, chunks=chunks,
@@ -451,6 +478,40 @@ def main():
     torch.set_num_threads(threads)
 
     report(args, rows, balance, timelines, peer_note)
+    if plan is not None:
+        report_autotune(args, rows, plan, pipes, balance, balance_s)
+
+
+def report_autotune(args, rows, plan, pipes, balance, balance_s):
+    """The autotuned configuration beside the best of the sweep and the default, from the
+    same interleaved runs, with what finding each cost."""
+    print(plan)
+    sweep = [r for r in rows if r[0] in ("shardpipe gpipe", "shardpipe 1f1b")]
+    # What the sweep cost: the balance, then per configuration its warm-up and timed runs
+    # (the warm-up taken as long as an average run).
+    sweep_s = balance_s + sum(sum(r[3]) + statistics.mean(r[3]) for r in sweep)
+    best = min(sweep, key=lambda r: statistics.mean(r[3]))
+    auto = next(r for r in rows if r[0] == "shardpipe autotuned")
+    default = next(r for r in rows if r[0] == "shardpipe default")
+    kw = plan.kwargs
+    lines = [
+        ("autotuned", kw["schedule"], kw["chunks"], kw["checkpoint"], kw["balance"], auto,
+         f"{plan.total_s:.1f} (autotune)"),
+        ("best of sweep", best[0].split()[-1], best[2], "never", balance, best,
+         f"{sweep_s:.1f} (sweep)"),
+        ("default", pipes["default"].schedule, pipes["default"].chunks,
+         pipes["default"].checkpoint, pipes["default"].balance, default, ""),
+    ]
+    best_mean = statistics.mean(best[3])
+    print(f"{'configuration':<14} {'schedule':<12} {'chunks':>6} {'checkpoint':<12} "
+          f"{'balance':<10} {'mean s':>8} {'std s':>7} {'vs sweep best':>13} "
+          f"{'found in s':>18}")
+    for name, schedule, chunks, checkpoint, bal, row, found in lines:
+        mean = statistics.mean(row[3])
+        print(f"{name:<14} {schedule:<12} {chunks:>6} {checkpoint:<12} {str(bal):<10} "
+              f"{mean:>8.3f} {statistics.pstdev(row[3]):>7.3f} {best_mean / mean:>12.2f}x "
+              f"{found:>18}")
+    sys.stdout.flush()
 
 
 def report(args, rows, balance, timelines, peer_note):

@@ -15,6 +15,7 @@
 
 #include "shardpipe/pipeline/balance.h"
 #include "shardpipe/pipeline/checkpoint.h"
+#include "shardpipe/pipeline/cost_model.h"
 #include "shardpipe/pipeline/engine.h"
 #include "shardpipe/pipeline/executor.h"
 #include "shardpipe/pipeline/placement.h"
@@ -414,6 +415,68 @@ PYBIND11_MODULE(_C, m) {
       "When each task of the schedule runs on paper, every task as soon as its dependencies and "
       "its worker allow, with the given costs (an unsplit backward costs backward + weight); "
       "tuples as Engine.take_trace gives them.");
+
+  // For sp.autotune: the cost model's prediction of one configuration (cost_model.h). Each
+  // block is {"resident_bytes": ..., "small": sample, "large": sample}, a sample a dict of
+  // BlockSample's fields; the peak memory comes back per device, named as in `devices`.
+  m.def(
+      "predict_step",
+      [](const std::vector<py::dict>& blocks, const std::string& schedule,
+         const std::vector<int64_t>& balance, const std::vector<std::string>& devices,
+         int64_t batch, int64_t chunks, const std::string& checkpoint, double task_overhead,
+         double link_bandwidth, double link_latency, double compute_scale) {
+        auto sample = [](const py::dict& d) {
+          shardpipe::BlockSample s;
+          s.rows = d["rows"].cast<int64_t>();
+          s.forward = d["forward"].cast<double>();
+          s.backward = d["backward"].cast<double>();
+          s.weight = d["weight"].cast<double>();
+          s.input_bytes = d["input_bytes"].cast<double>();
+          s.output_bytes = d["output_bytes"].cast<double>();
+          s.saved_bytes = d["saved_bytes"].cast<double>();
+          return s;
+        };
+        std::vector<shardpipe::BlockProfile> profiles;
+        for (const auto& b : blocks) {
+          profiles.push_back({sample(b["small"].cast<py::dict>()),
+                              sample(b["large"].cast<py::dict>()),
+                              b["resident_bytes"].cast<double>()});
+        }
+        const auto kind = shardpipe::parse_schedule(schedule);
+        const auto mode = shardpipe::parse_checkpoint(checkpoint);
+        std::vector<at::Device> parsed;
+        for (const auto& d : devices) parsed.emplace_back(d);
+        const int stages = static_cast<int>(balance.size());
+        const auto placement = shardpipe::Placement::make(kind, stages, parsed);
+        shardpipe::PlanShape shape;
+        shape.micro_batch_rows = shardpipe::chunk_rows(batch, chunks);
+        const int m = static_cast<int>(shape.micro_batch_rows.size());
+        shape.schedule = shardpipe::make_schedule(kind, stages, m, placement.workers);
+        shape.balance = balance;
+        std::vector<at::Device> distinct;
+        for (const auto& d : placement.stage_devices) {
+          auto it = std::find(distinct.begin(), distinct.end(), d);
+          if (it == distinct.end()) it = distinct.insert(distinct.end(), d);
+          shape.stage_device.push_back(static_cast<int>(it - distinct.begin()));
+        }
+        for (int i = 0; i < m; ++i)
+          shape.checkpointed.push_back(shardpipe::is_checkpointed(mode, i, m));
+        const auto prediction = shardpipe::predict(
+            profiles, shape, {task_overhead, link_bandwidth, link_latency, compute_scale});
+        py::dict memory;
+        for (size_t d = 0; d < distinct.size(); ++d)
+          memory[py::str(distinct[d].str())] = prediction.peak_memory[d];
+        py::dict out;
+        out["step_time"] = prediction.step_time;
+        out["bubble"] = prediction.bubble;
+        out["peak_memory"] = memory;
+        out["micro_batches"] = m;
+        return out;
+      },
+      py::arg("blocks"), py::arg("schedule"), py::arg("balance"), py::arg("devices"),
+      py::arg("batch"), py::arg("chunks"), py::arg("checkpoint"), py::arg("task_overhead"),
+      py::arg("link_bandwidth"), py::arg("link_latency"), py::arg("compute_scale") = 1.0,
+      "Predicted step time (s), bubble and peak memory per device (bytes) of a train_step.");
 
   // For benchmarks/pipeline_bench.py: the engine's own cost per task, without Python.
   m.def(

@@ -26,6 +26,8 @@ step: BatchNorm over small micro-batches and max-pooling's arg-max magnify them.
     python examples/resnet50_pipeline.py                    # about a minute on 2 CPU cores
     python examples/resnet50_pipeline.py --image-size 224 --batch 64 --chunks 8 --steps 20
     python examples/resnet50_pipeline.py --json             # last line: the numbers as JSON
+    python examples/resnet50_pipeline.py --autotune         # balance, chunks, schedule and
+                                                            # checkpointing by shardpipe.autotune
 """
 
 import argparse
@@ -72,12 +74,25 @@ def max_difference(got, want):
 
 
 def train_pipeline(model, devices, batches, args):
-    """Returns the pipeline, its losses, the seconds of the timed steps and one step's trace."""
-    micro = -(-args.batch // args.chunks)  # the first micro-batch, as torch.chunk cuts it
-    sample = batches[0][0][:micro].to(devices[0])
-    balance = sp.balance_by_time(model, sample, len(devices), device=devices[0], nested=True)
-    pipe = sp.Pipeline(sp.sequentialize(model), devices, chunks=args.chunks, balance=balance,
-                       schedule=args.schedule, nested=True)
+    """Returns the pipeline, its losses, the seconds of the timed steps and one step's trace.
+    With ``--autotune`` the configuration is ``shardpipe.autotune``'s, written into ``args``
+    (chunks, schedule, checkpoint) so that the baseline cuts the same micro-batches."""
+    if args.autotune:
+        images, labels = batches[0]
+        plan = sp.autotune(model, images.to(devices[0]), labels.to(devices[-1]),
+                           F.cross_entropy, devices, nested=True)
+        print(plan)
+        kwargs = plan.kwargs
+        args.chunks, args.schedule = kwargs["chunks"], kwargs["schedule"]
+        args.checkpoint = kwargs["checkpoint"]
+    else:
+        micro = -(-args.batch // args.chunks)  # the first micro-batch, as torch.chunk cuts it
+        sample = batches[0][0][:micro].to(devices[0])
+        balance = sp.balance_by_time(model, sample, len(devices), device=devices[0],
+                                     nested=True)
+        kwargs = dict(chunks=args.chunks, balance=balance, schedule=args.schedule,
+                      checkpoint=args.checkpoint, nested=True)
+    pipe = sp.Pipeline(sp.sequentialize(model), devices, **kwargs)
     optimizer = torch.optim.SGD(pipe.parameters(), lr=args.lr, momentum=0.9)
 
     losses, seconds, trace = [], 0.0, None
@@ -137,11 +152,15 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true",
                         help="print the results as one JSON line at the end")
+    parser.add_argument("--autotune", action="store_true",
+                        help="let shardpipe.autotune choose balance, chunks, schedule and "
+                             "checkpointing (overrides --chunks and --schedule)")
     args = parser.parse_args()
     for name in ("batch", "image_size", "steps", "chunks", "classes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     devices = args.devices or default_devices()
+    args.checkpoint = "never"
 
     torch.manual_seed(args.seed)
     model = torchvision.models.resnet50(num_classes=args.classes)
@@ -167,6 +186,7 @@ def main():
         "balance": pipe.balance,
         "chunks": args.chunks,
         "schedule": args.schedule,
+        "checkpoint": args.checkpoint,
         "images_per_s": args.batch * timed_steps / seconds,
         "bubble_fraction": trace.bubble_fraction(),
         "loss": losses,
@@ -182,7 +202,8 @@ def main():
     pipe.close()
 
     print(f"devices: {', '.join(results['devices'])}  (CPU: {os.cpu_count()} cores)")
-    print(f"balance (blocks per stage, by balance_by_time): {results['balance']}")
+    chosen_by = "shardpipe.autotune" if args.autotune else "balance_by_time"
+    print(f"balance (blocks per stage, by {chosen_by}): {results['balance']}")
     print(f"throughput: {results['images_per_s']:.1f} images/s ({args.schedule}, "
           f"{args.chunks} micro-batches of {args.image_size}x{args.image_size} images, "
           f"{torch.get_num_threads()} intra-op thread(s) per CPU stage)")

@@ -12,6 +12,9 @@ The public surface at a glance:
   hand-written Sequential that a pipeline may cut anywhere (``shardpipe.skip``).
 - ``balance_by_time(model, sample, partitions)`` / ``balance_by_size(...)``: children (or
   blocks, ``nested=True``) per pipeline stage, minimising the slowest / largest stage.
+- ``autotune(model, sample, target, loss_fn, devices, max_memory)``: a ``Plan`` whose
+  ``kwargs`` (balance, chunks, schedule, checkpoint) give the fastest measured step within
+  the memory limit, chosen by a cost model over one profile of the model.
 - ``ColumnParallelLinear`` / ``RowParallelLinear``: ``nn.Linear`` drop-ins sharded over
   devices or a ``torch.distributed`` group; ``ShardedTensor`` (the activation between
   them in one process), ``Shard``; ``parallelize(model, plan, ...)`` swaps layers in place.
@@ -20,6 +23,7 @@ The public surface at a glance:
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, _fake  # noqa: F401  (register torch.ops.shardpipe.* and their fakes)
+from .autotune import Plan, autotune
 from .balance import balance_by_size, balance_by_time
 from .batchnorm import DeferredBatchNorm
 from .copy import copy_to
@@ -36,6 +40,7 @@ __all__ = [
     "DeferredBatchNorm",
     "NoChunk",
     "Pipeline",
+    "Plan",
     "Pop",
     "RowParallelLinear",
     "Shard",
@@ -43,6 +48,7 @@ __all__ = [
     "SkipSequential",
     "Stash",
     "Trace",
+    "autotune",
     "balance_by_size",
     "balance_by_time",
     "copy_to",

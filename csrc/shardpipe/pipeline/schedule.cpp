@@ -125,29 +125,38 @@ std::vector<std::vector<Task>> zero_bubble_v(int workers, int m) {
 // loop behind `simulate` and `timeline`. `run(task, worker, start, end)` is called for every
 // task in its worker's order. Returns what went wrong (empty when everything ran).
 template <typename Run>
-std::string run_on_paper(const Schedule& schedule, const TaskCosts& costs, Run&& run) {
+std::string run_on_paper(const Schedule& schedule, const PaperCosts& costs, Run&& run) {
   const int S = schedule.stages, m = schedule.micro_batches;
   const bool split = splits_backward(schedule.kind);
   // Per (stage, micro-batch) and phase: when it ended (negative: not yet).
   std::vector<double> end_f(static_cast<size_t>(S) * m, -1.0), end_b(end_f), end_w(end_f);
   // The dependency rule sees the caller's inputs and gradients as always there, everything
   // else as arrived when the task that makes it is done; it notes the latest end it relied on.
+  // What crosses from one stage to another arrives `hand_off` after the task that made it.
   struct Paper {
     const std::vector<double>& end_f;
     const std::vector<double>& end_b;
+    const PaperCosts& costs;
     int S, m;
     mutable double ready = 0.0;  // the rule takes its state const; this only takes notes
     size_t at(int s, int i) const { return static_cast<size_t>(s) * m + i; }
-    bool seen(double end) const {
+    bool seen(double end, double delay = 0.0) const {
       if (end < 0) return false;
-      ready = std::max(ready, end);
+      ready = std::max(ready, end + delay);
       return true;
     }
-    bool has_input(int s, int i) const { return s == 0 || seen(end_f[at(s - 1, i)]); }
+    double delay(int from, int to, int i) const {
+      return costs.hand_off ? costs.hand_off(from, to, i) : 0.0;
+    }
+    bool has_input(int s, int i) const {
+      return s == 0 || seen(end_f[at(s - 1, i)], delay(s - 1, s, i));
+    }
     bool forward_done(int s, int i) const { return seen(end_f[at(s, i)]); }
-    bool has_grad(int s, int i) const { return s == S - 1 || seen(end_b[at(s + 1, i)]); }
+    bool has_grad(int s, int i) const {
+      return s == S - 1 || seen(end_b[at(s + 1, i)], delay(s + 1, s, i));
+    }
     bool backward_done(int s, int i) const { return seen(end_b[at(s, i)]); }
-  } paper{end_f, end_b, S, m};
+  } paper{end_f, end_b, costs, S, m};
 
   std::vector<size_t> next(schedule.per_worker.size(), 0);
   std::vector<double> free(schedule.per_worker.size(), 0.0);
@@ -171,10 +180,7 @@ std::string run_on_paper(const Schedule& schedule, const TaskCosts& costs, Run&&
                                                   : end_w;
         const size_t k = paper.at(t.stage, t.micro_batch);
         if (end[k] >= 0) return "a task appears twice";
-        const double cost = t.phase == Phase::kForward  ? costs.forward
-                            : t.phase == Phase::kWeight ? costs.weight
-                            : split                     ? costs.backward
-                                                        : costs.backward + costs.weight;
+        const double cost = costs.duration(t);
         const double start = std::max(paper.ready, free[w]);
         end[k] = free[w] = start + cost;
         run(t, static_cast<int>(w), start, end[k]);
@@ -186,6 +192,18 @@ std::string run_on_paper(const Schedule& schedule, const TaskCosts& costs, Run&&
     if (!progressed) return "deadlock: every worker waits on a task that never runs";
   }
   return "";
+}
+
+// The uniform costs of TaskCosts as per-task durations.
+PaperCosts uniform(const Schedule& schedule, const TaskCosts& costs) {
+  const bool split = splits_backward(schedule.kind);
+  return {[costs, split](const Task& t) {
+            return t.phase == Phase::kForward  ? costs.forward
+                   : t.phase == Phase::kWeight ? costs.weight
+                   : split                     ? costs.backward
+                                               : costs.backward + costs.weight;
+          },
+          {}};
 }
 
 }  // namespace
@@ -322,18 +340,23 @@ ScheduleCheck simulate(const Schedule& schedule) {
   ScheduleCheck check;
   check.peak_alive.assign(schedule.stages, 0);
   std::vector<int> alive(schedule.stages, 0);
-  check.problem = run_on_paper(schedule, TaskCosts{}, [&](const Task& t, int, double, double) {
-    if (t.phase == Phase::kForward) {
-      check.peak_alive[t.stage] = std::max(check.peak_alive[t.stage], ++alive[t.stage]);
-    } else if (t.phase == frees && alive[t.stage] > 0) {
-      --alive[t.stage];
-    }
-  });
+  check.problem = run_on_paper(
+      schedule, uniform(schedule, TaskCosts{}), [&](const Task& t, int, double, double) {
+        if (t.phase == Phase::kForward) {
+          check.peak_alive[t.stage] = std::max(check.peak_alive[t.stage], ++alive[t.stage]);
+        } else if (t.phase == frees && alive[t.stage] > 0) {
+          --alive[t.stage];
+        }
+      });
   check.complete = check.problem.empty();
   return check;
 }
 
 std::vector<TimedTask> timeline(const Schedule& schedule, const TaskCosts& costs) {
+  return costed_timeline(schedule, uniform(schedule, costs));
+}
+
+std::vector<TimedTask> costed_timeline(const Schedule& schedule, const PaperCosts& costs) {
   std::vector<TimedTask> out;
   auto problem = run_on_paper(schedule, costs, [&](const Task& t, int w, double start, double end) {
     out.push_back({t, w, start, end});

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -116,5 +117,14 @@ struct TimedTask {
   double end;
 };
 std::vector<TimedTask> timeline(const Schedule& schedule, const TaskCosts& costs);
+
+// The general form, for the cost model (cost_model.h): each task's own duration, and the delay
+// a hand-off adds (a copy between devices) before a task that waits for another stage's work:
+// F(s, i) after F(s - 1, i), B(s, i) after B(s + 1, i). `hand_off` may be empty (no delay).
+struct PaperCosts {
+  std::function<double(const Task&)> duration;
+  std::function<double(int from_stage, int to_stage, int micro_batch)> hand_off;
+};
+std::vector<TimedTask> costed_timeline(const Schedule& schedule, const PaperCosts& costs);
 
 }  // namespace shardpipe
