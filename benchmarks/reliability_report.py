@@ -17,6 +17,7 @@ Never fails; it reports. ``--quick`` runs a subset of the fault matrix and short
 """
 
 import argparse
+import functools
 import gc
 import itertools
 import os
@@ -71,7 +72,8 @@ def fault_rows(quick, hang_s):
                                          "slowest_s": 0.0, "examples": []})
             row["injected"] += 1
             finished, result = with_deadline(
-                lambda: faults.inject(schedule, checkpoint, threads, stages, position), hang_s)
+                functools.partial(faults.inject, schedule, checkpoint, threads, stages, position),
+                hang_s)
             if not finished:
                 row["hung"] += 1
                 row["examples"].append(f"{schedule}/{checkpoint}/{threads} {position}: hung")
