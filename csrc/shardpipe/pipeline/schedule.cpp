@@ -1,6 +1,7 @@
 #include "shardpipe/pipeline/schedule.h"
 
 #include <algorithm>
+#include <optional>
 #include <stdexcept>
 #include <tuple>
 
@@ -363,6 +364,112 @@ std::vector<TimedTask> costed_timeline(const Schedule& schedule, const PaperCost
   });
   if (!problem.empty()) throw std::invalid_argument("timeline: " + problem);
   return out;
+}
+
+namespace {
+
+// The message a finished task sends to another rank, if any.
+std::optional<Message> message_of(const Schedule& schedule, const Task& t) {
+  if (t.phase == Phase::kForward && t.stage + 1 < schedule.stages) {
+    return Message{Phase::kForward, t.stage, t.stage + 1, t.micro_batch};
+  }
+  if (t.phase == Phase::kBackward && t.stage > 0) {
+    return Message{Phase::kBackward, t.stage, t.stage - 1, t.micro_batch};
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+ChannelPlan channel_plan(const Schedule& schedule) {
+  ChannelPlan plan;
+  for (int w = 0; w < static_cast<int>(schedule.per_worker.size()); ++w) {
+    for (const Task& t : schedule.per_worker[w]) {
+      auto message = message_of(schedule, t);
+      if (!message) continue;
+      const int to = schedule.worker_of(message->to_stage);
+      if (to != w) plan[{w, to}].push_back(*message);
+    }
+  }
+  return plan;
+}
+
+std::string check_channels(const Schedule& schedule, const ChannelPlan& plan) {
+  const int S = schedule.stages, m = schedule.micro_batches;
+  const auto at = [m](int s, int i) { return static_cast<size_t>(s) * m + i; };
+  std::vector<char> done_f(static_cast<size_t>(S) * m, 0), done_b(done_f), got_f(done_f),
+      got_b(done_f);
+  std::map<Channel, size_t> sent, taken;
+  // A stage's input (gradient) is there once the receiver took its message, or, between
+  // stages of one rank, once the producing task is done; the caller's are always there.
+  struct Paper {
+    const Schedule& schedule;
+    const std::vector<char>& done_f;
+    const std::vector<char>& done_b;
+    const std::vector<char>& got_f;
+    const std::vector<char>& got_b;
+    int S, m;
+    size_t at(int s, int i) const { return static_cast<size_t>(s) * m + i; }
+    bool local(int a, int b) const { return schedule.worker_of(a) == schedule.worker_of(b); }
+    bool has_input(int s, int i) const {
+      return s == 0 || (local(s - 1, s) ? done_f[at(s - 1, i)] : got_f[at(s, i)]);
+    }
+    bool forward_done(int s, int i) const { return done_f[at(s, i)]; }
+    bool has_grad(int s, int i) const {
+      return s == S - 1 || (local(s + 1, s) ? done_b[at(s + 1, i)] : got_b[at(s, i)]);
+    }
+    bool backward_done(int s, int i) const { return done_b[at(s, i)]; }
+  } paper{schedule, done_f, done_b, got_f, got_b, S, m};
+
+  std::vector<size_t> next(schedule.per_worker.size(), 0);
+  for (bool progressed = true; progressed;) {
+    progressed = false;
+    for (size_t w = 0; w < schedule.per_worker.size(); ++w) {
+      const auto& tasks = schedule.per_worker[w];
+      while (next[w] < tasks.size() && may_start(tasks[next[w]], paper)) {
+        const Task& t = tasks[next[w]++];
+        if (t.phase == Phase::kForward) done_f[at(t.stage, t.micro_batch)] = 1;
+        if (t.phase == Phase::kBackward) done_b[at(t.stage, t.micro_batch)] = 1;
+        progressed = true;
+        auto message = message_of(schedule, t);
+        if (!message) continue;
+        const int to = schedule.worker_of(message->to_stage);
+        if (to == static_cast<int>(w)) continue;
+        const Channel channel{static_cast<int>(w), to};
+        auto found = plan.find(channel);
+        const size_t k = sent[channel]++;
+        if (found == plan.end() || k >= found->second.size() || !(found->second[k] == *message)) {
+          return "rank " + std::to_string(w) + " sends stage " +
+                 std::to_string(message->from_stage) + "'s micro-batch " +
+                 std::to_string(message->micro_batch) + " to rank " + std::to_string(to) +
+                 " out of the order its receiver expects";
+        }
+      }
+    }
+    // Each channel's receiver takes what was sent, in order.
+    for (const auto& [channel, messages] : plan) {
+      size_t& k = taken[channel];
+      for (; k < sent[channel]; ++k) {
+        const Message& msg = messages[k];
+        (msg.phase == Phase::kForward ? got_f : got_b)[at(msg.to_stage, msg.micro_batch)] = 1;
+        progressed = true;
+      }
+    }
+  }
+  for (size_t w = 0; w < schedule.per_worker.size(); ++w) {
+    if (next[w] < schedule.per_worker[w].size()) {
+      const Task& t = schedule.per_worker[w][next[w]];
+      return "rank " + std::to_string(w) + " waits forever before stage " +
+             std::to_string(t.stage) + ", micro-batch " + std::to_string(t.micro_batch);
+    }
+  }
+  for (const auto& [channel, messages] : plan) {
+    if (taken[channel] != messages.size()) {
+      return "rank " + std::to_string(channel.second) + " expects messages from rank " +
+             std::to_string(channel.first) + " that are never sent";
+    }
+  }
+  return "";
 }
 
 }  // namespace shardpipe

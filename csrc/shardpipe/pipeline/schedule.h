@@ -2,7 +2,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace shardpipe {
@@ -126,5 +128,33 @@ struct PaperCosts {
   std::function<double(int from_stage, int to_stage, int micro_batch)> hand_off;
 };
 std::vector<TimedTask> costed_timeline(const Schedule& schedule, const PaperCosts& costs);
+
+// What crosses between processes when a pipeline's stages live on several ranks (one worker
+// per rank): the activations F(from, i) makes for F(from + 1, i), or the input gradients
+// B(from, i) makes for B(from - 1, i). Each channel (sending rank, receiving rank) carries
+// its messages in the order the sender's task list makes them; the receiver takes them in
+// that same order, so both ends read their order from the same Schedule.
+struct Message {
+  Phase phase;  // kForward: activations; kBackward: input gradients
+  int from_stage;
+  int to_stage;
+  int micro_batch;
+  bool operator==(const Message& o) const {
+    return phase == o.phase && from_stage == o.from_stage && to_stage == o.to_stage &&
+           micro_batch == o.micro_batch;
+  }
+};
+using Channel = std::pair<int, int>;  // (sending rank, receiving rank)
+using ChannelPlan = std::map<Channel, std::vector<Message>>;
+
+// The messages between ranks, per channel, in the order the sender makes them; worker w of
+// the schedule is rank w. Hand-offs between stages of one rank are not messages.
+ChannelPlan channel_plan(const Schedule& schedule);
+
+// Runs the ranks on paper, each its own task list, messages delivered in their channel's
+// order: checks that every send is the receiver's next expected message on its channel and
+// that everything runs and every message is taken (no rank left waiting). Empty when it
+// holds; otherwise what went wrong.
+std::string check_channels(const Schedule& schedule, const ChannelPlan& plan);
 
 }  // namespace shardpipe

@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <set>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "shardpipe/pipeline/schedule.h"
 
@@ -240,6 +242,86 @@ TEST(Schedule, SimulateFindsADeadlock) {
   auto check = simulate(s);
   EXPECT_FALSE(check.complete);
   EXPECT_NE(check.problem.find("deadlock"), std::string::npos);
+}
+
+// Every shape each kind allows with one worker (rank) per list: stages 1..8, m 1..32.
+template <typename Body>
+void for_every_rank_layout(Body&& body) {
+  int shapes = 0;
+  auto count = [&](const Schedule& s) {
+    ++shapes;
+    body(s);
+  };
+  for (int stages = 1; stages <= 8; ++stages) {
+    for (int m = 1; m <= 32; ++m) {
+      for (auto kind : {ScheduleKind::kGPipe, ScheduleKind::kOneFOneB, ScheduleKind::kZeroBubbleH1})
+        count(make_schedule(kind, stages, m, stages));
+      for (int workers = 1; workers <= stages; ++workers) {
+        if (stages % workers == 0)
+          count(make_schedule(ScheduleKind::kInterleaved, stages, m, workers));
+      }
+      if (stages % 2 == 0) count(make_schedule(ScheduleKind::kZeroBubbleV, stages, m, stages / 2));
+    }
+  }
+  // 3 kinds x 8 x 32, interleaved over every divisor (20 pairs) x 32, zbv 4 x 32.
+  EXPECT_EQ(shapes, (3 * 8 + 20 + 4) * 32);
+}
+
+std::string shape_of(const Schedule& s) {
+  return schedule_name(s.kind) + " stages=" + std::to_string(s.stages) +
+         " workers=" + std::to_string(s.workers) + " m=" + std::to_string(s.micro_batches);
+}
+
+TEST(ChannelPlan, EveryHandOffBetweenRanksIsOneMessageInTheSendersOrder) {
+  for_every_rank_layout([](const Schedule& s) {
+    const ChannelPlan plan = channel_plan(s);
+    std::set<std::tuple<int, int, int>> seen;  // (phase, from stage, micro-batch)
+    for (const auto& [channel, messages] : plan) {
+      EXPECT_NE(channel.first, channel.second) << shape_of(s);
+      // The sender's list, restricted to what it sends on this channel, is the plan's order.
+      std::vector<Message> sent;
+      for (const Task& t : s.per_worker[channel.first]) {
+        const bool f = t.phase == Phase::kForward && t.stage + 1 < s.stages &&
+                       s.worker_of(t.stage + 1) == channel.second;
+        const bool b = t.phase == Phase::kBackward && t.stage > 0 &&
+                       s.worker_of(t.stage - 1) == channel.second;
+        if (f) sent.push_back({t.phase, t.stage, t.stage + 1, t.micro_batch});
+        if (b) sent.push_back({t.phase, t.stage, t.stage - 1, t.micro_batch});
+      }
+      EXPECT_EQ(sent, messages) << shape_of(s);
+      for (const auto& msg : messages) {
+        EXPECT_EQ(s.worker_of(msg.from_stage), channel.first);
+        EXPECT_EQ(s.worker_of(msg.to_stage), channel.second);
+        EXPECT_TRUE(
+            seen.insert({static_cast<int>(msg.phase), msg.from_stage, msg.micro_batch}).second);
+      }
+    }
+    // Every hand-off between stages on different workers, forward and backward.
+    size_t crossing = 0;
+    for (int st = 0; st + 1 < s.stages; ++st)
+      crossing += s.worker_of(st) != s.worker_of(st + 1) ? 2 * s.micro_batches : 0;
+    EXPECT_EQ(seen.size(), crossing) << shape_of(s);
+  });
+}
+
+TEST(ChannelPlan, RanksRunEverySchedulePhaseToTheEndTakingEveryMessage) {
+  for_every_rank_layout([](const Schedule& s) {
+    for (const Schedule& phase : {s, s.only(Phase::kForward)}) {
+      const std::string problem = check_channels(phase, channel_plan(phase));
+      EXPECT_EQ(problem, "") << shape_of(s);
+    }
+  });
+}
+
+TEST(ChannelPlan, CheckFindsMessagesOutOfOrderOrMissing) {
+  const Schedule s = make_schedule(ScheduleKind::kOneFOneB, 2, 4, 2);
+  ChannelPlan swapped = channel_plan(s);
+  auto& down = swapped.at({0, 1});
+  std::swap(down[0], down[1]);
+  EXPECT_NE(check_channels(s, swapped).find("out of the order"), std::string::npos);
+  ChannelPlan longer = channel_plan(s);
+  longer.at({1, 0}).push_back(longer.at({1, 0}).back());
+  EXPECT_NE(check_channels(s, longer).find("never sent"), std::string::npos);
 }
 
 TEST(Schedule, RejectsImpossibleShapes) {
