@@ -95,7 +95,9 @@ Executor::Executor(const Placement& placement, Transport& transport,
                    std::vector<StageWorker>& stages)
     : placement_(placement), transport_(transport), stages_(stages) {
   for (int w = 0; w < placement_.workers; ++w) {
-    workers_.push_back(std::make_unique<WorkerThread>("shardpipe_w" + std::to_string(w)));
+    workers_.push_back(transport_.runs_here(w)
+                           ? std::make_unique<WorkerThread>("shardpipe_w" + std::to_string(w))
+                           : nullptr);
   }
   epoch_ = std::chrono::steady_clock::now();
 }
@@ -106,7 +108,7 @@ void Executor::stop() { workers_.clear(); }
 
 bool Executor::is_worker_thread() const {
   for (const auto& w : workers_) {
-    if (w->is_current_thread()) return true;
+    if (w && w->is_current_thread()) return true;
   }
   return false;
 }
@@ -163,7 +165,7 @@ void Executor::execute(Step& step, const Schedule& schedule,
   std::vector<const std::vector<Task>*> inline_lists, all_lists;
   std::vector<int> posted;
   for (int w = 0; w < schedule.workers; ++w) {
-    if (schedule.per_worker[w].empty()) continue;
+    if (schedule.per_worker[w].empty() || !transport_.runs_here(w)) continue;
     all_lists.push_back(&schedule.per_worker[w]);
     if (caller || (inline_device && placement_.device_of_worker(w) == *inline_device)) {
       inline_lists.push_back(&schedule.per_worker[w]);
@@ -174,8 +176,6 @@ void Executor::execute(Step& step, const Schedule& schedule,
   {
     std::lock_guard<std::mutex> lock(step.mutex);
     step.pending = static_cast<int>(posted.size());
-    step.cancelled = false;
-    step.error = nullptr;
   }
   std::unique_lock<std::shared_mutex> alone(phases_, std::defer_lock);
   std::shared_lock<std::shared_mutex> shared(phases_, std::defer_lock);
@@ -185,7 +185,7 @@ void Executor::execute(Step& step, const Schedule& schedule,
     shared.lock();
   }
   const auto started = std::chrono::steady_clock::now();
-  transport_.begin(step, all_lists);
+  transport_.begin(step, schedule);
   {
     std::lock_guard<std::mutex> posting(post_mutex_);
     for (int w : posted) {
@@ -265,7 +265,7 @@ void Executor::run_lists(Step& step, const std::vector<const std::vector<Task>*>
     try {
       stages_[task->stage].run(step, *task);
     } catch (...) {
-      step.fail(std::current_exception(), describe(*task));
+      step.fail(std::current_exception(), transport_.place() + describe(*task), *task);
       return;
     }
     if (tracing_) {

@@ -33,7 +33,7 @@ class LocalTransport : public Transport {
                          std::vector<bool>* needs_grad) override;
   Activations take_gradient(Step& step, int stage, int i) override;
 
- private:
+ protected:
   const Placement& placement_;
   const std::vector<std::optional<c10::Stream>>& streams_;
 };

@@ -11,11 +11,13 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "shardpipe/pipeline/checkpoint.h"
+#include "shardpipe/pipeline/schedule.h"
 
 namespace shardpipe {
 
@@ -32,6 +34,14 @@ struct Structure {
   virtual ~Structure() = default;
 };
 using StructurePtr = std::shared_ptr<const Structure>;
+
+// The structure of a flat tuple of tensors: besides a bare tensor's (null) the one the core
+// itself makes, for what arrives from another rank.
+struct FlatTuple : Structure {};
+inline const StructurePtr& flat_tuple() {
+  static const StructurePtr instance = std::make_shared<FlatTuple>();
+  return instance;
+}
 
 // Tensors and their structure: what a phase takes from the caller or gives back.
 struct Values {
@@ -133,6 +143,8 @@ struct Step {
   std::vector<Activations> targets;  // per micro-batch, on the last stage's device
   std::vector<double> weights;
   std::vector<at::Tensor> losses;
+  // Over ranks: the step's loss as the last stage's rank computed it, known on every rank.
+  at::Tensor shared_loss;
   bool backward_ran = false;
   bool training = true;  // the module's mode: checkpointing trades memory in training only
 
@@ -150,6 +162,7 @@ struct Step {
   bool cancelled = false;
   std::exception_ptr error;
   std::string where;
+  std::optional<Task> failed_task;  // the task that raised `error`, when one did
 
   // Wakes every thread waiting on the step; `mutex` must be held.
   void notify_locked() {
@@ -158,11 +171,12 @@ struct Step {
   }
   // Records the first error (and where it happened) and cancels the step: every thread
   // waiting on it wakes and stops. A transport whose peer failed calls it too.
-  void fail(std::exception_ptr e, std::string place) {
+  void fail(std::exception_ptr e, std::string place, std::optional<Task> task = std::nullopt) {
     std::lock_guard<std::mutex> lock(mutex);
     if (!error) {
       error = std::move(e);
       where = std::move(place);
+      failed_task = task;
     }
     cancelled = true;
     notify_locked();

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "shardpipe/pipeline/schedule.h"
@@ -14,15 +15,20 @@ namespace shardpipe {
 //
 // `LocalTransport` serves the stages of one process. A transport whose peers are other
 // processes fits the same calls: `begin` posts, ahead of the tasks and in their order, the
-// receives this process's task lists will need; an arrival (or a failed peer) changes the
-// step, which wakes the executor (Step::notify_locked / Step::fail); `finish` waits for sends
-// still in flight.
+// receives this process's task lists will need (the others' lists say what they send); an arrival
+// (or a failed peer) changes the step, which wakes the executor (Step::notify_locked / Step::fail);
+// `finish` waits for sends still in flight.
 class Transport {
  public:
   virtual ~Transport() = default;
 
-  // Before a phase's tasks run here: `lists` are the task lists this process will run.
-  virtual void begin(Step& step, const std::vector<const std::vector<Task>*>& lists) {}
+  // Whether worker `w`'s task list runs in this process (with ranks: whether it is this rank's).
+  virtual bool runs_here(int worker) const { return true; }
+  // Where this process is, for error messages ("rank 1, "; empty for one process).
+  virtual std::string place() const { return ""; }
+
+  // Before a phase's tasks run here; `schedule` is the phase's, every process's lists.
+  virtual void begin(Step& step, const Schedule& schedule) {}
 
   // F(stage, i) finished: `outputs` (nested as `structure` says) go to stage + 1.
   // `needs_grad[k]`: whether output k will want a gradient back (the consumer then collects
