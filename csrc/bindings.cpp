@@ -19,6 +19,7 @@
 #include "shardpipe/pipeline/engine.h"
 #include "shardpipe/pipeline/executor.h"
 #include "shardpipe/pipeline/placement.h"
+#include "shardpipe/pipeline/process_group_transport.h"
 #include "shardpipe/pipeline/schedule.h"
 #include "shardpipe/tensor_parallel/collectives.h"
 #include "shardpipe/tensor_parallel/linear_math.h"
@@ -110,16 +111,12 @@ void delete_ended_thread_states() {
 // tuple of tensors (the common cases) stays in C++; anything else (lists, dicts, 1-tuples
 // are tuples too, values that are not tensors) keeps torch.utils._pytree's description made
 // by shardpipe._structure.
-struct FlatTuple : shardpipe::Structure {};
 struct PyTreeStructure : shardpipe::Structure {
   explicit PyTreeStructure(py::object spec) : spec(hold(std::move(spec))) {}
   std::shared_ptr<py::object> spec;
 };
 
-const shardpipe::StructurePtr& flat_tuple() {
-  static const shardpipe::StructurePtr instance = std::make_shared<FlatTuple>();
-  return instance;
-}
+using shardpipe::flat_tuple;
 
 // Imported once and never released: a static py::object would be released at process exit,
 // after the interpreter is gone (a crash on exit), and its guard could deadlock with the GIL.
@@ -263,6 +260,29 @@ std::exception_ptr annotate(std::exception_ptr error, const std::string& where) 
   }
 }
 
+// What a peer rank reports of an error raised here: "ValueError: bad input" for a Python
+// exception; empty for others (the transport then uses what()).
+std::string error_text(std::exception_ptr error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (python_error& e) {
+    py::gil_scoped_acquire gil;
+    if (!e.type) return "";
+    return py::handle(e.type).attr("__name__").cast<std::string>() + ": " + e.what();
+  } catch (...) {
+    return "";
+  }
+}
+
+// The exception object `error` (or None) as the core carries it; needs the GIL.
+std::exception_ptr as_exception(const py::object& error) {
+  if (error.is_none()) return nullptr;
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(error.ptr())), error.ptr());
+  python_error e;
+  e.persist();
+  return std::make_exception_ptr(e);
+}
+
 // Runs `body` without the GIL and raises what it threw as the matching Python exception.
 template <typename F>
 auto without_gil(F&& body) -> decltype(body()) {
@@ -300,6 +320,7 @@ const char* phase_name(shardpipe::Phase p) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "shardpipe's C++ core";
   shardpipe::Executor::set_error_annotator(&annotate);
+  shardpipe::ProcessGroupTransport::set_error_text(&error_text);
   // Signal handlers run on the main thread only; elsewhere the check is a no-op.
   const auto main_thread =
       py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
@@ -395,6 +416,14 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("schedule"), py::arg("stages"), py::arg("devices"),
       "(device of each stage, number of workers) for `stages` stages on `devices`.");
+
+  m.def(
+      "worker_of_stage",
+      [](const std::string& schedule, int stage, int workers) {
+        return shardpipe::worker_of_stage(shardpipe::parse_schedule(schedule), stage, workers);
+      },
+      py::arg("schedule"), py::arg("stage"), py::arg("workers"),
+      "The worker (over ranks: the rank) that runs `stage`.");
 
   // For benchmarks/pipeline_bench.py: a schedule's theory, in the trace's format.
   m.def(
@@ -515,50 +544,71 @@ PYBIND11_MODULE(_C, m) {
       "Median microseconds per task of a pipeline of C++ identity stages.");
 
   py::class_<shardpipe::Engine, std::shared_ptr<shardpipe::Engine>>(m, "Engine")
-      .def(py::init([](std::vector<py::object> stages, std::vector<std::string> devices,
-                       int workers, int64_t chunks, const std::string& schedule,
-                       const std::string& checkpoint, bool check_finite) {
-             std::vector<shardpipe::StageFn> fns;
-             std::vector<shardpipe::StageTensors> tensors;
-             for (auto& s : stages) {
-               fns.push_back(python_stage(s));
-               tensors.push_back({python_tensors(s, "buffers"), python_tensors(s, "parameters")});
-             }
-             shardpipe::EngineOptions options;
-             for (const auto& d : devices) options.devices.emplace_back(d);
-             options.workers = workers;
-             options.chunks = chunks;
-             options.schedule = shardpipe::parse_schedule(schedule);
-             options.checkpoint = shardpipe::parse_checkpoint(checkpoint);
-             options.check_finite = check_finite;
-             return shardpipe::Engine::create(std::move(fns), std::move(options),
-                                              std::move(tensors));
-           }),
-           py::arg("stages"), py::arg("devices"), py::arg("workers"), py::arg("chunks"),
-           py::arg("schedule"), py::arg("checkpoint"), py::arg("check_finite") = false)
+      .def(
+          py::init([](std::vector<py::object> stages, std::vector<std::string> devices, int workers,
+                      int64_t chunks, const std::string& schedule, const std::string& checkpoint,
+                      bool check_finite, const std::string& group_name, double timeout) {
+            std::vector<shardpipe::StageFn> fns;
+            std::vector<shardpipe::StageTensors> tensors;
+            for (auto& s : stages) {
+              // None: a stage of another rank, which this process never runs.
+              if (s.is_none()) {
+                fns.emplace_back();
+                tensors.emplace_back();
+                continue;
+              }
+              fns.push_back(python_stage(s));
+              tensors.push_back({python_tensors(s, "buffers"), python_tensors(s, "parameters")});
+            }
+            shardpipe::EngineOptions options;
+            for (const auto& d : devices) options.devices.emplace_back(d);
+            options.workers = workers;
+            options.chunks = chunks;
+            options.schedule = shardpipe::parse_schedule(schedule);
+            options.checkpoint = shardpipe::parse_checkpoint(checkpoint);
+            options.check_finite = check_finite;
+            options.group_name = group_name;
+            options.timeout = timeout;
+            return without_gil([&] {
+              return shardpipe::Engine::create(std::move(fns), std::move(options),
+                                               std::move(tensors));
+            });
+          }),
+          py::arg("stages"), py::arg("devices"), py::arg("workers"), py::arg("chunks"),
+          py::arg("schedule"), py::arg("checkpoint"), py::arg("check_finite") = false,
+          py::arg("group_name") = "", py::arg("timeout") = 120.0,
+          "`group_name` non-empty: the stages span that process group's ranks, worker w on "
+          "rank w; `stages` holds None for the other ranks' stages.")
       .def(
           "forward",
           [](shardpipe::Engine& e, const Activations& inputs, const std::vector<bool>& batched,
-             const py::object& spec, bool training) {
+             const py::object& spec, bool training, const py::object& refused) {
             shardpipe::Values values{inputs, structure_of(spec)};
-            auto out = without_gil([&] { return e.forward(values, batched, training); });
+            auto error = as_exception(refused);
+            auto out = without_gil([&] { return e.forward(values, batched, training, error); });
+            if (!e.runs_stage(e.stages() - 1)) return py::object(py::none());
             return to_python(out.tensors, out.structure);
           },
           py::arg("inputs"), py::arg("batched"), py::arg("spec"), py::arg("training"),
-          "The output as the last stage returned it (tensors concatenated over micro-batches).")
+          py::arg("refused") = py::none(),
+          "The output as the last stage returned it (tensors concatenated over micro-batches); "
+          "over ranks None except on the last stage's rank. `refused`: an exception this rank "
+          "met preparing its inputs, which makes every rank raise.")
       .def(
           "train_step",
           [](shardpipe::Engine& e, const Activations& inputs, const std::vector<bool>& batched,
              const py::object& spec, const Activations& targets, py::object loss_fn,
-             bool sum_reduction, bool training) {
+             bool sum_reduction, bool training, const py::object& refused) {
             auto loss = python_loss(std::move(loss_fn));
             shardpipe::Values values{inputs, structure_of(spec)};
+            auto error = as_exception(refused);
             return without_gil([&] {
-              return e.train_step(values, batched, targets, loss, sum_reduction, training);
+              return e.train_step(values, batched, targets, loss, sum_reduction, training, error);
             });
           },
           py::arg("inputs"), py::arg("batched"), py::arg("spec"), py::arg("targets"),
-          py::arg("loss_fn"), py::arg("sum_reduction"), py::arg("training"))
+          py::arg("loss_fn"), py::arg("sum_reduction"), py::arg("training"),
+          py::arg("refused") = py::none())
       .def("shutdown",
            [](shardpipe::Engine& e) {
              without_gil([&] {

@@ -62,17 +62,6 @@ BlockSample BlockProfile::at(int64_t rows) const {
   return out;
 }
 
-std::vector<int64_t> chunk_rows(int64_t batch, int64_t chunks) {
-  if (batch < 1 || chunks < 1)
-    throw std::invalid_argument("chunk_rows: batch and chunks must be at least 1, got " +
-                                std::to_string(batch) + " and " + std::to_string(chunks));
-  const int64_t size = (batch + chunks - 1) / chunks;
-  std::vector<int64_t> rows;
-  for (int64_t start = 0; start < batch; start += size)
-    rows.push_back(std::min(size, batch - start));
-  return rows;
-}
-
 Prediction predict(const std::vector<BlockProfile>& blocks, const PlanShape& shape,
                    const MachineCosts& machine) {
   check_shape(blocks, shape);

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "shardpipe/pipeline/microbatch.h"
 #include "shardpipe/pipeline/schedule.h"
 
 namespace shardpipe {
@@ -53,10 +54,6 @@ struct Prediction {
   double bubble = 0;                // the share of the workers' time in the step that they are idle
   std::vector<double> peak_memory;  // bytes per device index: resident + activations at peak
 };
-
-// Micro-batch sizes as at::chunk cuts `batch` rows into at most `chunks` pieces (the
-// executor's split): ceil(batch / chunks) each, the last one smaller.
-std::vector<int64_t> chunk_rows(int64_t batch, int64_t chunks);
 
 // Replays `shape.schedule` with the dependency rule of the executor (`costed_timeline`,
 // schedule.h). A stage's task costs the sum of its blocks' at the micro-batch's rows, plus the

@@ -9,6 +9,7 @@
 
 #include "shardpipe/pipeline/autograd.h"
 #include "shardpipe/pipeline/microbatch.h"
+#include "shardpipe/pipeline/process_group_transport.h"
 #include "shardpipe/pipeline/stage_stream.h"
 
 namespace shardpipe {
@@ -63,9 +64,18 @@ std::shared_ptr<Engine> Engine::create(std::vector<StageFn> stages, EngineOption
 
 Engine::Engine(std::vector<StageFn> stages, EngineOptions options,
                std::vector<StageTensors> tensors)
-    : options_(std::move(options)),
-      placement_(placement_of(stages.size(), options_)),
-      transport_(placement_, streams_) {
+    : options_(std::move(options)), placement_(placement_of(stages.size(), options_)) {
+  if (options_.group_name.empty()) {
+    transport_ = std::make_unique<LocalTransport>(placement_, streams_);
+  } else {
+    TORCH_CHECK_VALUE(options_.timeout > 0, "shardpipe: timeout must be positive, got ",
+                      options_.timeout);
+    auto ranks = std::make_unique<ProcessGroupTransport>(
+        placement_, streams_, options_.group_name,
+        std::chrono::milliseconds(static_cast<int64_t>(options_.timeout * 1000.0)));
+    ranks_ = ranks.get();
+    transport_ = std::move(ranks);
+  }
   for (int s = 0; s < placement_.stages(); ++s) {
     streams_.push_back(pool_stream(placement_.stage_devices[s]));
   }
@@ -73,9 +83,9 @@ Engine::Engine(std::vector<StageFn> stages, EngineOptions options,
     stage_workers_.emplace_back(s, placement_.stages(), std::move(stages[s]),
                                 s < static_cast<int>(tensors.size()) ? tensors[s] : StageTensors(),
                                 placement_.stage_devices[s], streams_[s], options_.checkpoint,
-                                options_.check_finite, transport_);
+                                options_.check_finite, *transport_);
   }
-  executor_ = std::make_unique<Executor>(placement_, transport_, stage_workers_);
+  executor_ = std::make_unique<Executor>(placement_, *transport_, stage_workers_);
 }
 
 Engine::~Engine() { executor_.reset(); }
@@ -119,12 +129,37 @@ void Engine::caller_waits_for_stages() {
 }
 
 std::shared_ptr<Step> Engine::make_step(const Values& values, const std::vector<bool>& batched,
-                                        bool training) {
+                                        bool training, std::exception_ptr refused) {
   const Activations& inputs = values.tensors;
   auto step = std::make_shared<Step>();
   step->stages = stages();
   step->training = training;
-  auto parts = split_into_micro_batches(*step, inputs, batched, options_.chunks);
+  std::vector<Activations> parts;
+  if (!ranks_) {
+    if (refused) std::rethrow_exception(refused);
+    parts = split_into_micro_batches(*step, inputs, batched, options_.chunks);
+  } else {
+    // The first stage's rank splits the input; every rank learns the batch from it (and of
+    // any rank that cannot go on), so all make the same micro-batches or all raise.
+    int64_t batch = 0;
+    if (runs_stage(0) && !refused) {
+      try {
+        parts = split_into_micro_batches(*step, inputs, batched, options_.chunks);
+        batch = step->batch;
+      } catch (...) {
+        refused = std::current_exception();
+      }
+    }
+    batch = ranks_->share_batch(batch, refused);
+    if (!runs_stage(0)) {
+      step->batch = batch;
+      step->sizes = chunk_rows(batch, options_.chunks);
+      step->micro_batches = static_cast<int>(step->sizes.size());
+      step->slots.resize(static_cast<size_t>(step->stages) * step->micro_batches);
+      step->outputs.resize(step->micro_batches);
+      step->input_grads.resize(step->micro_batches);
+    }
+  }
   stages_wait_for_caller();
   step->generators_held_by_caller = generator_locks_held_here();
   step->grad_enabled = at::GradMode::is_enabled();
@@ -133,7 +168,7 @@ std::shared_ptr<Step> Engine::make_step(const Values& values, const std::vector<
     step->input_requires_grad.push_back(step->grad_enabled && x.requires_grad());
   }
   // The caller's micro-batches are the first stage's input.
-  for (int i = 0; i < step->micro_batches; ++i) {
+  for (int i = 0; i < static_cast<int>(parts.size()); ++i) {
     Slot& slot = step->at(0, i);
     slot.input = transfer(parts[i], placement_.stage_devices[0], streams_[0]);
     slot.input_structure = values.structure;
@@ -142,12 +177,17 @@ std::shared_ptr<Step> Engine::make_step(const Values& values, const std::vector<
   return step;
 }
 
-Values Engine::forward(const Values& values, const std::vector<bool>& batched, bool training) {
+Values Engine::forward(const Values& values, const std::vector<bool>& batched, bool training,
+                       std::exception_ptr refused) {
   EngineCall call(this, lifecycle_, closed_);
-  auto step = make_step(values, batched, training);
+  TORCH_CHECK(!ranks_ || !at::GradMode::is_enabled(),
+              "shardpipe: over ranks, pipe(x) runs without autograd only (under "
+              "torch.no_grad()); train with pipe.train_step(x, y, loss_fn)");
+  auto step = make_step(values, batched, training, refused);
   const Activations& inputs = values.tensors;
   const int S = stages(), m = step->micro_batches;
   executor_->execute(*step, schedule_for(m, Phase::kForward), std::nullopt);
+  if (!runs_stage(S - 1)) return {};
 
   caller_waits_for_stages();
   auto here = current_stream(placement_.stage_devices[S - 1]);
@@ -216,29 +256,43 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
 
 at::Tensor Engine::train_step(const Values& values, const std::vector<bool>& batched,
                               const Activations& targets, const LossFn& loss, bool sum_reduction,
-                              bool training) {
+                              bool training, std::exception_ptr refused) {
   TORCH_CHECK(at::GradMode::is_enabled(),
               "shardpipe: train_step needs grad mode; it was called under torch.no_grad() or "
               "torch.inference_mode()");
   EngineCall call(this, lifecycle_, closed_);
-  auto step = make_step(values, batched, training);
+  auto step = make_step(values, batched, training, refused);
   const Activations& inputs = values.tensors;
   const int S = stages(), m = step->micro_batches;
   step->fused = true;
   step->loss = &loss;
   const at::Device last = placement_.stage_devices[S - 1];
-  std::vector<std::vector<at::Tensor>> pieces;
-  for (size_t k = 0; k < targets.size(); ++k) {
-    TORCH_CHECK_VALUE(
-        targets[k].defined() && targets[k].dim() >= 1 && targets[k].size(0) == step->batch,
-        "shardpipe: target ", k, " must have the batch size ", step->batch,
-        " in its first dimension");
-    pieces.push_back(targets[k].split_with_sizes(step->sizes, 0));
+  auto split_targets = [&] {
+    std::vector<std::vector<at::Tensor>> pieces;
+    for (size_t k = 0; k < targets.size(); ++k) {
+      TORCH_CHECK_VALUE(
+          targets[k].defined() && targets[k].dim() >= 1 && targets[k].size(0) == step->batch,
+          "shardpipe: target ", k, " must have the batch size ", step->batch,
+          " in its first dimension");
+      pieces.push_back(targets[k].split_with_sizes(step->sizes, 0));
+    }
+    for (int i = 0; i < m; ++i) {
+      Activations t;
+      for (const auto& p : pieces) t.push_back(p[i]);
+      step->targets.push_back(transfer(t, last, streams_[S - 1]));
+    }
+  };
+  if (!ranks_) {
+    split_targets();
+  } else if (runs_stage(S - 1)) {
+    // The peers are already waiting for this phase: a bad target fails it on every rank.
+    try {
+      split_targets();
+    } catch (...) {
+      step->fail(std::current_exception(), ranks_->place() + "reading the targets");
+    }
   }
   for (int i = 0; i < m; ++i) {
-    Activations t;
-    for (const auto& p : pieces) t.push_back(p[i]);
-    step->targets.push_back(transfer(t, last, streams_[S - 1]));
     step->weights.push_back(sum_reduction ? 1.0
                                           : static_cast<double>(step->sizes[i]) / step->batch);
   }
@@ -246,9 +300,13 @@ at::Tensor Engine::train_step(const Values& values, const std::vector<bool>& bat
   executor_->execute(*step, schedule_for(m, std::nullopt), std::nullopt);
 
   caller_waits_for_stages();
-  auto here = current_stream(last);
-  record_on(step->losses, here);
-  at::Tensor total = at::stack(step->losses).sum();
+  at::Tensor total;
+  if (ranks_) {
+    total = step->shared_loss;
+  } else {
+    record_on(step->losses, current_stream(last));
+    total = at::stack(step->losses).sum();
+  }
 
   // Gradients of the inputs travel on into whatever produced them.
   auto input_grads = input_gradients(*step, placement_.stage_devices[0]);

@@ -20,6 +20,8 @@
 
 namespace shardpipe {
 
+class ProcessGroupTransport;
+
 struct EngineOptions {
   std::vector<at::Device> devices;  // one per stage
   int workers = 0;  // 0: one per stage (per two with zbv); stage s runs on worker_of_stage(...)
@@ -29,13 +31,19 @@ struct EngineOptions {
   // Each stage's outputs, input gradients and parameter gradients are checked for NaN/Inf
   // after every task (a host sync on GPUs; off by default).
   bool check_finite = false;
+  // Non-empty: the stages are spread over the ranks of this torch.distributed process group
+  // (`group.group_name`), worker w on rank w, and this process runs only its rank's stages
+  // (process_group_transport.h); every wait for a peer gives up after `timeout` seconds.
+  std::string group_name;
+  double timeout = 120.0;
 };
 
 // The pipeline's phases: splits a mini-batch into micro-batches, has the executor run the
 // schedule's tasks over them, and gathers what comes out. `forward` returns outputs whose
 // autograd node runs the backward schedule; `train_step` runs both phases in one schedule
 // (needed for 1F1B's memory bound). The rooms it composes: Placement (which stage where),
-// StageWorker (one stage's tasks), LocalTransport (hand-offs), Executor (threads and order).
+// StageWorker (one stage's tasks), a Transport (hand-offs: LocalTransport, or
+// ProcessGroupTransport between ranks), Executor (threads and order).
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
   // `tensors[s]` (optional) gives stage s's buffers, which a recomputation leaves as it found
@@ -50,14 +58,20 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // go whole to every micro-batch), runs the forward schedule and returns the last stage's
   // outputs concatenated, on its device, with micro-batch 0's structure. With grad mode on
   // they are differentiable. `training`: the module's mode (checkpointing is for training).
-  Values forward(const Values& inputs, const std::vector<bool>& batched, bool training = true);
+  // Over ranks: without grad only; the first stage's rank reads the inputs, the last stage's
+  // rank gets the outputs (the others get none), and `refused` (an error this rank met while
+  // preparing its inputs) makes every rank raise.
+  Values forward(const Values& inputs, const std::vector<bool>& batched, bool training = true,
+                 std::exception_ptr refused = nullptr);
 
   // Forward and backward of `loss(outputs, targets)` for every micro-batch under the
   // schedule. Returns the loss (detached): the micro-batch losses weighted by their share of
   // the batch (or summed when `sum_reduction`); parameter gradients are those of that value.
+  // Over ranks the targets are read on the last stage's rank and the loss comes back on every
+  // rank; `refused` as for `forward`.
   at::Tensor train_step(const Values& inputs, const std::vector<bool>& batched,
                         const Activations& targets, const LossFn& loss, bool sum_reduction,
-                        bool training = true);
+                        bool training = true, std::exception_ptr refused = nullptr);
 
   // The backward schedule for a step made by `forward`; called by its autograd node.
   std::vector<at::Tensor> backward(Step& step, const std::vector<at::Tensor>& grads);
@@ -67,6 +81,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
 
   Executor& executor() { return *executor_; }
   int stages() const { return placement_.stages(); }
+  // Whether stage s runs in this process (over ranks: on this rank).
+  bool runs_stage(int s) const { return transport_->runs_here(placement_.worker_of(s)); }
   int workers() const { return placement_.workers; }
   const EngineOptions& options() const { return options_; }
 
@@ -74,7 +90,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   Engine(std::vector<StageFn> stages, EngineOptions options, std::vector<StageTensors> tensors);
 
   std::shared_ptr<Step> make_step(const Values& inputs, const std::vector<bool>& batched,
-                                  bool training);
+                                  bool training, std::exception_ptr refused);
   // Orders every stage's stream after the calling thread's stream on the stage's device, or
   // the other way round, without blocking the host: stages must not read what the caller is
   // still writing (optimizer.step()), nor the caller what the stages wrote (gradients,
@@ -89,7 +105,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   EngineOptions options_;
   Placement placement_;
   std::vector<std::optional<c10::Stream>> streams_;  // per stage (none on the CPU)
-  LocalTransport transport_;
+  std::unique_ptr<LocalTransport> transport_;
+  ProcessGroupTransport* ranks_ = nullptr;  // transport_, when the stages span ranks
   std::vector<StageWorker> stage_workers_;
   std::unique_ptr<Executor> executor_;
   // Calls hold it shared and `shutdown` exclusively, so workers never go away under a

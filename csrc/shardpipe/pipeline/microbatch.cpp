@@ -2,6 +2,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
 #include "shardpipe/copy/copy.h"
 #include "shardpipe/pipeline/stage_stream.h"
 
@@ -51,6 +55,17 @@ std::vector<Activations> split_into_micro_batches(Step& step, const Activations&
     }
   }
   return parts;
+}
+
+std::vector<int64_t> chunk_rows(int64_t batch, int64_t chunks) {
+  if (batch < 1 || chunks < 1)
+    throw std::invalid_argument("chunk_rows: batch and chunks must be at least 1, got " +
+                                std::to_string(batch) + " and " + std::to_string(chunks));
+  const int64_t size = (batch + chunks - 1) / chunks;
+  std::vector<int64_t> rows;
+  for (int64_t start = 0; start < batch; start += size)
+    rows.push_back(std::min(size, batch - start));
+  return rows;
 }
 
 Activations concat_micro_batches(const std::vector<Activations>& parts, const char* what) {

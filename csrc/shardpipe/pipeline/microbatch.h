@@ -16,6 +16,10 @@ namespace shardpipe {
 std::vector<Activations> split_into_micro_batches(Step& step, const Activations& inputs,
                                                   const std::vector<bool>& batched, int64_t chunks);
 
+// Micro-batch sizes as at::chunk cuts `batch` rows into at most `chunks` pieces (the
+// executor's split): ceil(batch / chunks) each, the last one smaller.
+std::vector<int64_t> chunk_rows(int64_t batch, int64_t chunks);
+
 // Concatenates per-micro-batch activations along the batch dimension; with one micro-batch
 // the tensors are returned as they are. `what` names them in errors ("output").
 Activations concat_micro_batches(const std::vector<Activations>& parts, const char* what);

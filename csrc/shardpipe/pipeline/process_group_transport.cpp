@@ -1,0 +1,467 @@
+#include "shardpipe/pipeline/process_group_transport.h"
+
+#include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+namespace shardpipe {
+namespace {
+
+// A header: what a message holds, or a failure record, or a rank's outcome of a phase.
+constexpr int64_t kWords = 128;
+constexpr int64_t kData = 1, kFailure = 2, kOutcome = 3;
+// The most tensors one message carries: a header tag and one tag per tensor.
+constexpr int64_t kMaxTensors = 16;
+constexpr int64_t kTagsPerMessage = kMaxTensors + 1;
+// Record fields, after the kind in word 0.
+constexpr int64_t kTextStart = 9;
+constexpr size_t kMaxText = (kWords - kTextStart) * sizeof(int64_t);
+
+int tag_of(uint64_t sequence, int64_t part) {
+  // Both ends count a channel's messages alike, so the tags agree; gloo matches on them.
+  return static_cast<int>((sequence * kTagsPerMessage + part) % (1ull << 30));
+}
+
+ProcessGroupTransport::ErrorText& error_text_hook() {
+  static ProcessGroupTransport::ErrorText hook;
+  return hook;
+}
+
+std::string text_of(std::exception_ptr error) {
+  if (const auto& hook = error_text_hook()) {
+    std::string text = hook(error);
+    if (!text.empty()) return text;
+  }
+  try {
+    std::rethrow_exception(error);
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "an exception that is not a std::exception";
+  }
+}
+
+const char* phase_word(int64_t phase) {
+  switch (phase) {
+    case static_cast<int64_t>(Phase::kForward):
+      return "forward";
+    case static_cast<int64_t>(Phase::kBackward):
+      return "backward";
+    case static_cast<int64_t>(Phase::kWeight):
+      return "weight";
+  }
+  return "?";
+}
+
+}  // namespace
+
+at::Tensor ProcessGroupTransport::Record::encode(int64_t kind) const {
+  at::Tensor header = at::zeros({kWords}, at::kLong);
+  int64_t* w = header.data_ptr<int64_t>();
+  w[0] = kind;
+  w[1] = failed;
+  w[2] = origin;
+  w[3] = stage;
+  w[4] = micro_batch;
+  w[5] = phase;
+  w[6] = value;
+  w[7] = dtype;
+  const size_t n = std::min(text.size(), kMaxText);
+  w[8] = static_cast<int64_t>(n);
+  std::memcpy(w + kTextStart, text.data(), n);
+  return header;
+}
+
+ProcessGroupTransport::Record ProcessGroupTransport::Record::decode(const at::Tensor& header) {
+  const int64_t* w = header.data_ptr<int64_t>();
+  Record r;
+  r.failed = w[1] != 0;
+  r.origin = w[2];
+  r.stage = w[3];
+  r.micro_batch = w[4];
+  r.phase = w[5];
+  r.value = w[6];
+  r.dtype = w[7];
+  const size_t n = std::min<size_t>(static_cast<size_t>(std::max<int64_t>(w[8], 0)), kMaxText);
+  r.text.assign(reinterpret_cast<const char*>(w + kTextStart), n);
+  return r;
+}
+
+std::string ProcessGroupTransport::Record::message() const {
+  const std::string where = stage >= 0
+                                ? "stage " + std::to_string(stage) + ", micro-batch " +
+                                      std::to_string(micro_batch) + " (" + phase_word(phase) + ")"
+                                : "outside any stage";
+  return "shardpipe: rank " + std::to_string(origin) + " failed in " + where + ": " + text;
+}
+
+void ProcessGroupTransport::set_error_text(ErrorText text) { error_text_hook() = std::move(text); }
+
+ProcessGroupTransport::ProcessGroupTransport(const Placement& placement,
+                                             const std::vector<std::optional<c10::Stream>>& streams,
+                                             const std::string& group_name,
+                                             std::chrono::milliseconds timeout)
+    : LocalTransport(placement, streams), timeout_(timeout) {
+  try {
+    group_ = c10d::resolve_process_group(group_name);
+  } catch (const std::exception& e) {
+    TORCH_CHECK_VALUE(false, "shardpipe: no process group named '", group_name, "' (", e.what(),
+                      ")");
+  }
+  rank_ = group_->getRank();
+  ranks_ = group_->getSize();
+  TORCH_CHECK_VALUE(placement.workers == ranks_, "shardpipe: the placement has ", placement.workers,
+                    " workers but the group ", ranks_, " ranks");
+  TORCH_CHECK_VALUE(timeout.count() > 0, "shardpipe: timeout must be positive");
+}
+
+ProcessGroupTransport::~ProcessGroupTransport() { receivers_.clear(); }
+
+void ProcessGroupTransport::check_usable() const {
+  if (!broken_) return;
+  std::lock_guard<std::mutex> lock(broken_mutex_);
+  TORCH_CHECK(false, "shardpipe: rank ", rank_, " can no longer reach its peers (it ",
+              broken_reason_, "); make a new process group and pipeline");
+}
+
+void ProcessGroupTransport::mark_broken(const std::string& reason) {
+  std::lock_guard<std::mutex> lock(broken_mutex_);
+  if (!broken_) broken_reason_ = reason;
+  broken_ = true;
+}
+
+void ProcessGroupTransport::wait(c10d::Work& work, const std::string& what) {
+  try {
+    work.wait(timeout_);
+  } catch (const std::exception& e) {
+    mark_broken(what);
+    TORCH_CHECK(false, "shardpipe: rank ", rank_, " ", what, " within ",
+                static_cast<double>(timeout_.count()) / 1000.0,
+                " s (the peer died, hangs or never came): ", e.what());
+  }
+}
+
+std::vector<ProcessGroupTransport::Record> ProcessGroupTransport::all_gather(const Record& mine) {
+  std::vector<at::Tensor> input{mine.encode(kOutcome)};
+  std::vector<std::vector<at::Tensor>> output(1);
+  for (int r = 0; r < ranks_; ++r) output[0].push_back(at::empty({kWords}, at::kLong));
+  auto work = group_->allgather(output, input);
+  wait(*work, "did not hear from every rank of the group");
+  std::vector<Record> records;
+  for (const auto& t : output[0]) records.push_back(Record::decode(t));
+  return records;
+}
+
+int64_t ProcessGroupTransport::share_batch(int64_t batch, std::exception_ptr local) {
+  check_usable();
+  Record mine;
+  mine.origin = rank_;
+  mine.value = batch;
+  if (local) {
+    mine.failed = true;
+    mine.text = text_of(local);
+  }
+  auto records = all_gather(mine);
+  if (local) std::rethrow_exception(local);
+  for (const auto& r : records) {
+    TORCH_CHECK(!r.failed, r.message());
+  }
+  return records[0].value;
+}
+
+void ProcessGroupTransport::begin(Step& step, const Schedule& schedule) {
+  auto found = plans_.find(&schedule);
+  if (found == plans_.end()) {
+    ChannelPlan plan = channel_plan(schedule);
+    const std::string problem = check_channels(schedule, plan);
+    TORCH_CHECK(problem.empty(),
+                "shardpipe: the schedule's messages between ranks do not match: ", problem);
+    found = plans_.emplace(&schedule, std::move(plan)).first;
+  }
+  outgoing_.clear();
+  std::lock_guard<std::mutex> lock(receive_mutex_);
+  for (const auto& [channel, messages] : found->second) {
+    const auto [from, to] = channel;
+    if (from == rank_) {
+      Outgoing& out = outgoing_[to];
+      out.messages = messages;
+      out.sequence = outgoing_sequence_[to];
+      outgoing_sequence_[to] += messages.size();
+    } else if (to == rank_) {
+      auto& thread = receivers_[from];
+      if (!thread) {
+        thread = std::make_unique<WorkerThread>("shardpipe_rx" + std::to_string(from));
+      }
+      const uint64_t sequence = incoming_sequence_[from];
+      incoming_sequence_[from] += messages.size();
+      ++receiving_;
+      thread->post([this, &step, from, messages, sequence] {
+        receive_all(step, from, messages, sequence);
+        std::lock_guard<std::mutex> done(receive_mutex_);
+        --receiving_;
+        received_.notify_all();
+      });
+    }
+  }
+}
+
+void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Message> messages,
+                                        uint64_t sequence) {
+  for (size_t k = 0; k < messages.size(); ++k) {
+    const Message& expected = messages[k];
+    const std::string what =
+        "waited in vain for stage " + std::to_string(expected.from_stage) + "'s " +
+        (expected.phase == Phase::kForward ? "output" : "input gradient") + " of micro-batch " +
+        std::to_string(expected.micro_batch) + " from rank " + std::to_string(from);
+    try {
+      std::vector<at::Tensor> header{at::empty({kWords}, at::kLong)};
+      wait(*group_->recv(header, from, tag_of(sequence + k, 0)), what);
+      const int64_t* w = header[0].data_ptr<int64_t>();
+      if (w[0] == kFailure) {
+        Record record = Record::decode(header[0]);
+        {
+          std::lock_guard<std::mutex> lock(receive_mutex_);
+          if (!peer_failure_) peer_failure_ = record;
+        }
+        step.fail(std::make_exception_ptr(std::runtime_error(record.message())),
+                  place() + "waiting for rank " + std::to_string(from));
+        continue;
+      }
+      TORCH_CHECK(w[0] == kData && w[1] == static_cast<int64_t>(expected.phase) &&
+                      w[2] == expected.from_stage && w[3] == expected.micro_batch,
+                  "shardpipe: rank ", rank_, " received a message from rank ", from,
+                  " out of the schedule's order (a bug in shardpipe)");
+      const int64_t n = w[4];
+      StructurePtr structure = w[5] ? flat_tuple() : nullptr;
+      Activations tensors(static_cast<size_t>(n));
+      std::vector<bool> needs_grad(static_cast<size_t>(n));
+      std::vector<c10::intrusive_ptr<c10d::Work>> works;
+      int64_t at = 6;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t dtype = w[at++];
+        needs_grad[j] = w[at++] != 0;
+        const int64_t dims = w[at++];
+        std::vector<int64_t> shape(w + at, w + at + dims);
+        at += dims;
+        if (dtype < 0) continue;
+        tensors[j] =
+            at::empty(shape, at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype)));
+        std::vector<at::Tensor> part{tensors[j]};
+        works.push_back(group_->recv(part, from, tag_of(sequence + k, 1 + j)));
+      }
+      for (auto& work : works) wait(*work, what);
+      std::lock_guard<std::mutex> lock(step.mutex);
+      Slot& slot = step.at(expected.to_stage, expected.micro_batch);
+      if (expected.phase == Phase::kForward) {
+        slot.input = std::move(tensors);
+        slot.input_structure = std::move(structure);
+        slot.input_has_grad = std::move(needs_grad);
+        slot.has_input = true;
+      } else {
+        slot.grad = std::move(tensors);
+        slot.has_grad = true;
+      }
+      step.notify_locked();
+    } catch (...) {
+      step.fail(std::current_exception(), place() + "receiving from rank " + std::to_string(from));
+      if (broken_) return;  // the channel is lost: nothing more will come
+    }
+  }
+}
+
+void ProcessGroupTransport::send(Step& step, const Message& message, const Activations& tensors,
+                                 const StructurePtr& structure,
+                                 const std::vector<bool>& needs_grad) {
+  const int to = placement_.worker_of(message.to_stage);
+  const char* what = message.phase == Phase::kForward ? "output" : "input gradient";
+  TORCH_CHECK_TYPE(!structure || structure == flat_tuple(), "shardpipe: stage ", message.from_stage,
+                   "'s ", what, " goes to rank ", to,
+                   "; only a Tensor or a flat tuple of Tensors can cross between ranks, and it "
+                   "holds lists, dicts or values that are not tensors");
+  TORCH_CHECK_TYPE(static_cast<int64_t>(tensors.size()) <= kMaxTensors, "shardpipe: stage ",
+                   message.from_stage, "'s ", what, " holds ", tensors.size(), " tensors; at most ",
+                   kMaxTensors, " can cross between ranks");
+  Outgoing& channel = outgoing_.at(to);
+  TORCH_CHECK(channel.next < channel.messages.size() && channel.messages[channel.next] == message,
+              "shardpipe: rank ", rank_, " would send to rank ", to,
+              " out of the schedule's order (a bug in shardpipe)");
+  at::Tensor header = at::zeros({kWords}, at::kLong);
+  int64_t* w = header.data_ptr<int64_t>();
+  w[0] = kData;
+  w[1] = static_cast<int64_t>(message.phase);
+  w[2] = message.from_stage;
+  w[3] = message.micro_batch;
+  w[4] = static_cast<int64_t>(tensors.size());
+  w[5] = structure ? 1 : 0;
+  int64_t at = 6;
+  std::vector<at::Tensor> data;
+  for (size_t j = 0; j < tensors.size(); ++j) {
+    const at::Tensor& t = tensors[j];
+    const int64_t dims = t.defined() ? t.dim() : 0;
+    TORCH_CHECK_VALUE(at + 3 + dims <= kWords, "shardpipe: stage ", message.from_stage, "'s ", what,
+                      " has too many dimensions to cross between ranks");
+    w[at++] = t.defined() ? static_cast<int64_t>(t.scalar_type()) : -1;
+    w[at++] = j < needs_grad.size() && needs_grad[j];
+    w[at++] = dims;
+    for (int64_t d = 0; d < dims; ++d) w[at++] = t.size(d);
+    if (!t.defined()) continue;
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "shardpipe: stage ", message.from_stage, "'s ", what,
+                      " is on ", t.device(),
+                      "; between ranks only CPU tensors travel so far (gloo)");
+    data.push_back(t.detach().contiguous());
+  }
+  const uint64_t sequence = channel.sequence + channel.next;
+  channel.next++;
+  std::vector<at::Tensor> head{header};
+  std::lock_guard<std::mutex> lock(sends_mutex_);
+  sends_.push_back({group_->send(head, to, tag_of(sequence, 0)), {header}});
+  int64_t part = 1;
+  for (size_t j = 0; j < tensors.size(); ++j) {
+    if (!tensors[j].defined()) continue;
+    std::vector<at::Tensor> one{data[part - 1]};
+    sends_.push_back({group_->send(one, to, tag_of(sequence, static_cast<int64_t>(j) + 1)), one});
+    part++;
+  }
+  // Finished sends let go of their tensors now, not at the end of the phase.
+  sends_.erase(std::remove_if(sends_.begin(), sends_.end(),
+                              [](const Pending& p) { return p.work->isCompleted(); }),
+               sends_.end());
+}
+
+void ProcessGroupTransport::send_record(int to, Outgoing& channel, const Record& record) {
+  const uint64_t sequence = channel.sequence + channel.next;
+  channel.next++;
+  at::Tensor header = record.encode(kFailure);
+  std::vector<at::Tensor> head{header};
+  std::lock_guard<std::mutex> lock(sends_mutex_);
+  sends_.push_back({group_->send(head, to, tag_of(sequence, 0)), {header}});
+}
+
+void ProcessGroupTransport::send_activations(Step& step, int stage, int i,
+                                             const Activations& outputs, StructurePtr structure,
+                                             std::vector<bool> needs_grad) {
+  if (!remote(stage + 1)) {
+    LocalTransport::send_activations(step, stage, i, outputs, std::move(structure),
+                                     std::move(needs_grad));
+    return;
+  }
+  send(step, {Phase::kForward, stage, stage + 1, i}, outputs, structure, needs_grad);
+}
+
+void ProcessGroupTransport::send_gradients(Step& step, int stage, int i, const Activations& grads) {
+  if (!remote(stage - 1)) {
+    LocalTransport::send_gradients(step, stage, i, grads);
+    return;
+  }
+  send(step, {Phase::kBackward, stage, stage - 1, i}, grads, nullptr, {});
+}
+
+ProcessGroupTransport::Record ProcessGroupTransport::failure_of(Step& step) {
+  std::lock_guard<std::mutex> lock(step.mutex);
+  Record record;
+  record.failed = true;
+  record.origin = rank_;
+  if (step.failed_task) {
+    record.stage = step.failed_task->stage;
+    record.micro_batch = step.failed_task->micro_batch;
+    record.phase = static_cast<int64_t>(step.failed_task->phase);
+    record.text = text_of(step.error);
+    return record;
+  }
+  std::lock_guard<std::mutex> peers(receive_mutex_);
+  if (peer_failure_) return *peer_failure_;
+  record.text = step.error ? text_of(step.error) : "cancelled";
+  return record;
+}
+
+void ProcessGroupTransport::finish(Step& step) {
+  bool failed;
+  {
+    std::lock_guard<std::mutex> lock(step.mutex);
+    failed = static_cast<bool>(step.error);
+  }
+  // The peers wait for every message of the plan: what was not sent goes as a failure record.
+  if (failed) {
+    const Record record = failure_of(step);
+    for (auto& [to, channel] : outgoing_) {
+      while (channel.next < channel.messages.size()) send_record(to, channel, record);
+    }
+  }
+  {
+    std::unique_lock<std::mutex> lock(receive_mutex_);
+    received_.wait(lock, [&] { return receiving_ == 0; });
+  }
+  std::vector<Pending> sends;
+  {
+    std::lock_guard<std::mutex> lock(sends_mutex_);
+    sends.swap(sends_);
+  }
+  for (auto& pending : sends) {
+    try {
+      if (!broken_) wait(*pending.work, "could not deliver a message");
+    } catch (...) {
+      step.fail(std::current_exception(), place() + "sending");
+    }
+  }
+  sends.clear();
+  {
+    std::lock_guard<std::mutex> lock(receive_mutex_);
+    peer_failure_.reset();
+  }
+  if (broken_) {
+    try {
+      check_usable();
+    } catch (...) {
+      step.fail(std::current_exception(), place() + "after the phase");
+    }
+    return;
+  }
+
+  // Everyone returns or everyone raises: the outcomes (and the loss) go to every rank.
+  Record mine;
+  {
+    std::lock_guard<std::mutex> lock(step.mutex);
+    failed = static_cast<bool>(step.error);
+  }
+  if (failed) {
+    mine = failure_of(step);
+    // A rank raising only because a peer did says so; the peer's record names the origin.
+    mine.failed = true;
+  } else {
+    mine.origin = rank_;
+    const int last = placement_.stages() - 1;
+    if (step.fused && !remote(last)) {
+      at::Tensor total = at::stack(step.losses).sum();
+      const double value = total.item<double>();
+      std::memcpy(&mine.value, &value, sizeof(value));
+      mine.dtype = static_cast<int64_t>(total.scalar_type());
+    }
+  }
+  std::vector<Record> records;
+  try {
+    records = all_gather(mine);
+  } catch (...) {
+    step.fail(std::current_exception(), place() + "exchanging the outcome");
+    return;
+  }
+  const Record* origin = nullptr;
+  for (const auto& r : records) {
+    if (r.failed && (!origin || r.origin < origin->origin)) origin = &r;
+    if (!r.failed && r.dtype >= 0) {
+      double value;
+      std::memcpy(&value, &r.value, sizeof(value));
+      step.shared_loss = at::scalar_tensor(value, static_cast<at::ScalarType>(r.dtype));
+    }
+  }
+  if (origin && !failed) {
+    step.fail(std::make_exception_ptr(std::runtime_error(origin->message())),
+              place() + "after the phase");
+  }
+}
+
+}  // namespace shardpipe

@@ -1,0 +1,134 @@
+#pragma once
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "shardpipe/common/worker_thread.h"
+#include "shardpipe/pipeline/local_transport.h"
+
+namespace shardpipe {
+
+// The stages of a pipeline spread over the ranks of a torch.distributed process group, one
+// worker (one task list of the Schedule) per rank. What crosses between ranks travels as c10d
+// point-to-point messages, each channel (sending rank, receiving rank) in the order
+// `channel_plan` gives, which both ends read from the same Schedule: deadlock-free by
+// construction, and checked on paper (`check_channels`) before a schedule first runs.
+//
+// Every message is a fixed-size header (kind, micro-batch, per tensor its dtype, shape and
+// whether its producer wants a gradient) followed by the tensors, so shapes and dtypes may
+// change from micro-batch to micro-batch. One receiver thread per peer posts each header's
+// receive before the task that needs it runs and delivers into the step's slots.
+//
+// Faults: a phase that fails on one rank still sends every message its peers expect, as a
+// failure record in the header, so they stop waiting at once and the channels stay in step
+// for the next phase; after each phase the ranks exchange their outcomes, so that either
+// every rank returns or every rank raises (the peers naming the rank, stage and micro-batch
+// that failed). Every wait is bounded by `timeout`; once one expires (a peer died or never
+// came) the transport is broken and every later phase raises at once.
+class ProcessGroupTransport : public LocalTransport {
+ public:
+  // Turns an exception into the text a peer reports ("ValueError: bad input"); the Python
+  // bindings install one that names Python exception types.
+  using ErrorText = std::function<std::string(std::exception_ptr)>;
+  static void set_error_text(ErrorText text);
+
+  // `group_name`: as Python names the group (`group.group_name`). The placement's workers
+  // must equal the group's size.
+  ProcessGroupTransport(const Placement& placement,
+                        const std::vector<std::optional<c10::Stream>>& streams,
+                        const std::string& group_name, std::chrono::milliseconds timeout);
+  ~ProcessGroupTransport() override;
+
+  bool runs_here(int worker) const override { return worker == rank_; }
+  std::string place() const override { return "rank " + std::to_string(rank_) + ", "; }
+  int rank() const { return rank_; }
+  int ranks() const { return ranks_; }
+
+  // Before a phase, on every rank: the batch size (known on the first stage's rank, which
+  // splits the input) goes to every rank, and so does an error any rank met before the phase
+  // (`local`, which is rethrown here; the others raise naming that rank). Returns the batch.
+  int64_t share_batch(int64_t batch, std::exception_ptr local);
+
+  void begin(Step& step, const Schedule& schedule) override;
+  void send_activations(Step& step, int stage, int i, const Activations& outputs,
+                        StructurePtr structure, std::vector<bool> needs_grad) override;
+  void send_gradients(Step& step, int stage, int i, const Activations& grads) override;
+  // Sends what is still owed (as failure records when the phase failed), waits for every
+  // receive and send, and exchanges the outcome (and a train_step's loss) with every rank.
+  void finish(Step& step) override;
+
+ private:
+  // A failure (or a success and its value) as it travels between ranks.
+  struct Record {
+    bool failed = false;
+    int64_t origin = -1;  // the rank where it happened
+    int64_t stage = -1;   // -1: not inside a task
+    int64_t micro_batch = -1;
+    int64_t phase = -1;
+    int64_t value = 0;   // share_batch: the batch; finish: the loss, as a double's bits
+    int64_t dtype = -1;  // finish: the loss's dtype (-1: no loss)
+    std::string text;
+
+    at::Tensor encode(int64_t kind) const;
+    static Record decode(const at::Tensor& header);
+    // What a peer raises: the failing rank, where it failed, and what it raised.
+    std::string message() const;
+  };
+  struct Outgoing {
+    std::vector<Message> messages;  // what the receiver expects, in order
+    size_t next = 0;                // the next one to send
+    uint64_t sequence = 0;          // messages sent on this channel since the start: the tags
+  };
+  struct Pending {
+    c10::intrusive_ptr<c10d::Work> work;
+    std::vector<at::Tensor> keep;  // alive until the send has finished
+  };
+
+  bool remote(int stage) const { return placement_.worker_of(stage) != rank_; }
+  void send(Step& step, const Message& message, const Activations& tensors,
+            const StructurePtr& structure, const std::vector<bool>& needs_grad);
+  void send_record(int to, Outgoing& channel, const Record& record);
+  void receive_all(Step& step, int from, std::vector<Message> messages, uint64_t sequence);
+  Record failure_of(Step& step);
+  std::vector<Record> all_gather(const Record& mine);
+  void wait(c10d::Work& work, const std::string& what);
+  void check_usable() const;
+  void mark_broken(const std::string& reason);
+
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  int rank_ = 0;
+  int ranks_ = 1;
+  std::chrono::milliseconds timeout_;
+  // Set by whichever thread saw a wait expire; read by all.
+  std::atomic<bool> broken_{false};
+  mutable std::mutex broken_mutex_;
+  std::string broken_reason_;
+
+  std::map<const Schedule*, ChannelPlan> plans_;  // checked once per schedule
+  std::map<int, Outgoing> outgoing_;              // per receiving rank, for the running phase
+  std::map<int, uint64_t> outgoing_sequence_;     // per receiving rank: messages sent so far
+  std::map<int, uint64_t> incoming_sequence_;     // per sending rank: messages taken so far
+  std::mutex sends_mutex_;
+  std::vector<Pending> sends_;
+
+  // One receiver thread per peer; `receiving_` counts the peers still taking this phase's
+  // messages.
+  std::map<int, std::unique_ptr<WorkerThread>> receivers_;
+  std::mutex receive_mutex_;
+  std::condition_variable received_;
+  int receiving_ = 0;
+  std::optional<Record> peer_failure_;  // the first failure record a peer sent this phase
+};
+
+}  // namespace shardpipe
