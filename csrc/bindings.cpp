@@ -284,18 +284,20 @@ std::exception_ptr as_exception(const py::object& error) {
 }
 
 // Runs `body` without the GIL and raises what it threw as the matching Python exception.
+// The GIL is taken back in plain code, not in a destructor: a thread other than the main one
+// that comes back while the interpreter is finalising is ended there by Python with a forced
+// unwind, which a (noexcept) destructor would turn into std::terminate.
 template <typename F>
 auto without_gil(F&& body) -> decltype(body()) {
   std::exception_ptr error;
   std::optional<decltype(body())> result;
-  {
-    py::gil_scoped_release no_gil;
-    try {
-      result.emplace(body());
-    } catch (...) {
-      error = std::current_exception();
-    }
+  PyThreadState* state = PyEval_SaveThread();
+  try {
+    result.emplace(body());
+  } catch (...) {
+    error = std::current_exception();
   }
+  PyEval_RestoreThread(state);
   if (error) {
     torch::translate_exception_to_python(error);
     throw py::error_already_set();
