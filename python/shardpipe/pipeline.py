@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from . import _C, _structure, skip
+from . import _C, _ranks, _structure, skip
 from ._blocks import _blocks
-from ._checks import as_device_list, check_bool, check_choice, check_int
+from ._checks import as_device_list, check_bool, check_choice, check_int, check_number
 from .batchnorm import DeferredBatchNorm
 from .trace import Trace
 
@@ -105,8 +105,9 @@ def _devices_of(blocks, balance):
 
 
 def _refuse_sharing_across_devices(blocks, balance, stage_devices):
-    """A module or tensor used by stages on two devices cannot be on both: moving it for the
-    second stage would take it from the first."""
+    """A module or tensor used by stages on two devices (or ranks) cannot be on both: moving
+    it for the second stage would take it from the first (over ranks, each rank's copy would
+    get only its own stage's share of the gradient)."""
     owner = {}
     start = 0
     for s, (size, device) in enumerate(zip(balance, stage_devices)):
@@ -158,6 +159,17 @@ def _flatten_inputs(inputs):
             [leaf.tensor if isinstance(leaf, NoChunk) else leaf for leaf in leaves], treespec)
     _, spec = _structure.flatten(value)
     return tensors, batched, spec
+
+
+def _as_targets(target):
+    if isinstance(target, torch.Tensor):
+        return [target]
+    if isinstance(target, (tuple, list)) and target and all(
+            isinstance(t, torch.Tensor) for t in target):
+        return list(target)
+    what = "an empty " if isinstance(target, (tuple, list)) and not target else ""
+    raise TypeError("target must be a Tensor or a non-empty tuple of Tensors, got "
+                    f"{what}{type(target).__name__}")
 
 
 class Pipeline(nn.Module):
@@ -216,6 +228,25 @@ class Pipeline(nn.Module):
             may fall inside it and ``balance`` counts these blocks (ResNet-50: 23 instead
             of 11). Keys and values of ``state_dict()`` are unchanged; hooks on the opened
             ``Sequential`` itself do not run, its children's do.
+        group: a ``torch.distributed`` ProcessGroup: one stage per rank, in rank order
+            (two per rank with ``"interleaved"`` by default, and with ``"zbv"``), every rank
+            of the group building the same pipeline of the same model (checked: a rank that
+            differs makes every rank raise ``ValueError`` naming what differs). Each rank
+            keeps and runs only its own stages: ``parameters()`` and ``state_dict()`` are its
+            share (under the model's keys), ``full_state_dict()`` gathers the whole model,
+            and ``load_state_dict`` takes a full state dict. ``module`` may be built on the
+            meta device; this rank's blocks are then made on its device and initialised by
+            their ``reset_parameters``. :meth:`train_step` reads the input on the first
+            stage's rank and the target on the last's and returns the loss on every rank;
+            ``pipe(x)`` runs without autograd (under ``torch.no_grad()`` or in eval mode) and
+            returns the output on the last stage's rank, None elsewhere. Activations and
+            gradients travel as c10d point-to-point messages (gloo, CPU stages); their shapes
+            and dtypes may change between micro-batches. What crosses a rank boundary must be
+            a Tensor or a flat tuple of at most 16 Tensors. A stage that raises makes every
+            rank raise: the failing rank its own exception, the others a ``RuntimeError``
+            naming the rank, stage and micro-batch.
+        timeout: with ``group``, the seconds any rank waits for a peer before it raises
+            naming the peer (a rank that died or never came); the pipeline is then unusable.
 
     Example::
 
@@ -235,10 +266,19 @@ class Pipeline(nn.Module):
         ...                           nested=True)
         >>> sum(pipe.balance), pipe(x).shape
         (15, torch.Size([8, 10]))
+
+    One stage per process under ``torchrun --nproc-per-node 4`` (every rank runs this)::
+
+        >>> dist.init_process_group("gloo")                                 # doctest: +SKIP
+        >>> pipe = shardpipe.Pipeline(model, group=dist.group.WORLD, chunks=8,
+        ...                           schedule="1f1b")                      # doctest: +SKIP
+        >>> loss = pipe.train_step(x, y, nn.functional.cross_entropy)      # doctest: +SKIP
+        >>> full = pipe.full_state_dict()   # collective: the whole model  # doctest: +SKIP
     """
 
     def __init__(self, module, devices=None, chunks=1, balance=None, schedule="gpipe",
-                 checkpoint="never", deferred_batch_norm=False, nested=False, check_finite=False):
+                 checkpoint="never", deferred_batch_norm=False, nested=False, check_finite=False,
+                 group=None, timeout=120.0):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -260,7 +300,15 @@ class Pipeline(nn.Module):
             if not isinstance(balance, (list, tuple)):
                 raise TypeError(f"balance must be a list of ints, got {type(balance).__name__}")
             balance = [check_int(b, f"balance[{i}]") for i, b in enumerate(balance)]
-        if devices is None:
+        ranks = None
+        if group is not None:
+            group = _ranks.check_group(group)
+            check_number(timeout, "timeout", minimum=1e-3)
+            if not blocks:
+                raise ValueError("module: an empty model has no stages to spread over ranks")
+            ranks = group.size()
+            devices = [_ranks.rank_device(devices)] * ranks
+        elif devices is None:
             devices, balance = _devices_of(blocks, balance)
         else:
             devices = as_device_list(devices, "devices")
@@ -271,22 +319,52 @@ class Pipeline(nn.Module):
             _C.check_balance(balance, len(blocks), what, len(devices), schedule)
             stage_devices, workers = _C.place(schedule, len(balance), [str(d) for d in devices])
             stage_devices = [torch.device(d) for d in stage_devices]
-            _refuse_sharing_across_devices(blocks, balance, stage_devices)
+            stage_ranks = [_C.worker_of_stage(schedule, s, workers) for s in range(len(balance))]
+            places = stage_devices if ranks is None else [f"rank {r}" for r in stage_ranks]
+            _refuse_sharing_across_devices(blocks, balance, places)
         else:
-            balance, stage_devices, workers = [], [], 0
+            balance, stage_devices, workers, stage_ranks = [], [], 0, []
 
-        # Parameters and buffers that sequentialize keeps on the Sequential itself (ViT's
-        # class token) stay under their own names too; the child using them holds the same
-        # objects, so they move with its stage.
-        for name, param in module.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buffer in module.named_buffers(recurse=False):
-            self.register_buffer(name, buffer, persistent=name not in
-                                 module._non_persistent_buffers_set)
-        # Every position, a module used twice under each of its names, as in the model's
-        # state_dict.
-        for name, child in module._modules.items():
-            self.add_module(name, child)
+        self._group = group
+        self._timeout = timeout
+        self._stage_ranks = stage_ranks
+        self._rank = None if group is None else group.rank()
+        self._model_keys = None
+        if group is not None:
+            _ranks.check_ranks_agree(group, blocks, dict(
+                chunks=chunks, schedule=schedule, balance=list(balance), checkpoint=checkpoint,
+                nested=nested, deferred_batch_norm=deferred_batch_norm,
+                check_finite=check_finite))
+            self._model_keys = list(module.state_dict().keys())
+            own, start = [], 0
+            for size, r in zip(balance, stage_ranks):
+                if r == self._rank:
+                    own += blocks[start:start + size]
+                start += size
+            _ranks.materialise(own, stage_devices[0])
+            held = {id(t) for _, block in own
+                    for t in itertools.chain(block.parameters(), block.buffers())}
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) in held:
+                    self.register_parameter(name, param)
+            for name, buffer in module.named_buffers(recurse=False):
+                if id(buffer) in held:
+                    self.register_buffer(name, buffer, persistent=name not in
+                                         module._non_persistent_buffers_set)
+            _ranks.register_blocks(self, own)
+        else:
+            # Parameters and buffers that sequentialize keeps on the Sequential itself (ViT's
+            # class token) stay under their own names too; the child using them holds the
+            # same objects, so they move with its stage.
+            for name, param in module.named_parameters(recurse=False):
+                self.register_parameter(name, param)
+            for name, buffer in module.named_buffers(recurse=False):
+                self.register_buffer(name, buffer, persistent=name not in
+                                     module._non_persistent_buffers_set)
+            # Every position, a module used twice under each of its names, as in the model's
+            # state_dict.
+            for name, child in module._modules.items():
+                self.add_module(name, child)
 
         self._devices = stage_devices
         self._block_names = [name for name, _ in blocks]
@@ -301,24 +379,33 @@ class Pipeline(nn.Module):
     def _build(self):
         """The stages (nn.Sequential views sharing the registered children, on their
         devices) and the engine; construction, copies and unpickling come here."""
-        blocks = [(name, self.get_submodule(name)) for name in self._block_names]
         stages, start = [], 0
-        for size, device in zip(self._balance, self._devices):
-            stages.append(_stage_module(blocks[start:start + size]).to(device))
+        for s, (size, device) in enumerate(zip(self._balance, self._devices)):
+            names = self._block_names[start:start + size]
             start += size
+            if self._group is not None and self._stage_ranks[s] != self._rank:
+                stages.append(None)  # another rank's
+                continue
+            blocks = [(name, self.get_submodule(name)) for name in names]
+            stages.append(_stage_module(blocks).to(device))
         # Kept out of the module tree, so that state_dict keys stay the model's.
-        self.__dict__["_stages"] = tuple(stages)
+        self.__dict__["_stages"] = tuple(s for s in stages if s is not None)
         self.__dict__["_deferred"] = [m for m in self.modules()
                                       if isinstance(m, DeferredBatchNorm)]
         engine = None
         if stages:
+            over_ranks = {} if self._group is None else dict(
+                group_name=self._group.group_name, timeout=float(self._timeout))
             engine = _C.Engine(list(stages), [str(d) for d in self._devices], self._workers,
                                self._chunks, self._schedule, self._checkpoint,
-                               self._check_finite)
+                               self._check_finite, **over_ranks)
         self.__dict__["_engine"] = engine
         _live.add(self)
 
     def __getstate__(self):
+        if self._group is not None:
+            raise TypeError("a Pipeline over a process group cannot be copied or pickled (its "
+                            "stages live on several processes); save full_state_dict() instead")
         # The engine and its threads are this process's; a copy or an unpickled pipeline
         # makes its own from the same placement.
         state = self.__dict__.copy()
@@ -332,13 +419,21 @@ class Pipeline(nn.Module):
 
     @property
     def stages(self):
-        """The stages, as ``nn.Sequential`` modules sharing the pipeline's children."""
+        """The stages, as ``nn.Sequential`` modules sharing the pipeline's children (with
+        ``group``: this rank's)."""
         return self._stages
 
     @property
     def devices(self):
-        """The device of each stage."""
-        return list(self._devices)
+        """The device of each stage (with ``group``: of this rank's stages)."""
+        if self._group is None:
+            return list(self._devices)
+        return [d for d, r in zip(self._devices, self._stage_ranks) if r == self._rank]
+
+    @property
+    def stage_ranks(self):
+        """With ``group``: the rank (in the group) that runs each stage; else None."""
+        return None if self._group is None else list(self._stage_ranks)
 
     @property
     def balance(self):
@@ -396,6 +491,8 @@ class Pipeline(nn.Module):
         tensors concatenated over the micro-batches)."""
         if self._engine is None:  # an empty nn.Sequential is the identity
             return inputs[0] if len(inputs) == 1 else inputs
+        if self._group is not None:
+            return self._forward_over_ranks(inputs)
         tensors, batched, spec = _flatten_inputs(inputs)
         output = self._engine.forward(tensors, batched, spec, self.training)
         if self._deferred:
@@ -426,19 +523,13 @@ class Pipeline(nn.Module):
             >>> loss = pipe.train_step(x, y, nn.functional.cross_entropy)
             >>> optimizer.step(); optimizer.zero_grad()
         """
-        tensors, batched, spec = _flatten_inputs((input,))
-        if isinstance(target, torch.Tensor):
-            targets = [target]
-        elif isinstance(target, (tuple, list)) and target and all(
-                isinstance(t, torch.Tensor) for t in target):
-            targets = list(target)
-        else:
-            what = "an empty " if isinstance(target, (tuple, list)) and not target else ""
-            raise TypeError("target must be a Tensor or a non-empty tuple of Tensors, got "
-                            f"{what}{type(target).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS)
+        if self._group is not None:
+            return self._train_step_over_ranks(input, target, loss_fn, loss_reduction)
+        tensors, batched, spec = _flatten_inputs((input,))
+        targets = _as_targets(target)
         if self._engine is None:
             loss = loss_fn(input, target)
             loss.backward()
@@ -447,6 +538,81 @@ class Pipeline(nn.Module):
                                        loss_reduction == "sum", self.training)
         self._commit_batch_norm()
         return loss
+
+    def _forward_over_ranks(self, inputs):
+        if torch.is_grad_enabled() and self.training:
+            raise RuntimeError(
+                "a Pipeline over ranks cannot run pipe(x) with autograd in training mode (the "
+                "backward would cross processes); train with pipe.train_step(x, y, loss_fn), "
+                "or call pipe(x) under torch.no_grad() or in eval mode")
+        # Only the rank that reads the input checks it; what it finds wrong reaches every rank.
+        tensors, batched, spec, refused = [], [], None, None
+        if self._stage_ranks[0] == self._rank:
+            try:
+                tensors, batched, spec = _flatten_inputs(inputs)
+            except (TypeError, ValueError) as error:
+                refused = error
+        with torch.no_grad():
+            output = self._engine.forward(tensors, batched, spec, self.training, refused)
+        if self._deferred:
+            self._commit_batch_norm()
+        return output
+
+    def _train_step_over_ranks(self, input, target, loss_fn, loss_reduction):
+        tensors, batched, spec, targets, refused = [], [], None, [], None
+        try:
+            if self._stage_ranks[0] == self._rank:
+                tensors, batched, spec = _flatten_inputs((input,))
+            if self._stage_ranks[-1] == self._rank:
+                targets = _as_targets(target)
+        except (TypeError, ValueError) as error:
+            refused = error
+        loss = self._engine.train_step(tensors, batched, spec, targets, loss_fn,
+                                       loss_reduction == "sum", self.training, refused)
+        self._commit_batch_norm()
+        return loss
+
+    def full_state_dict(self):
+        """The whole model's state dict under the model's keys, on the CPU. With ``group`` a
+        collective (every rank calls it; every rank gets the whole dict); otherwise the same
+        as ``state_dict()``.
+
+        Example::
+
+            >>> pipe = shardpipe.Pipeline(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)),
+            ...                           ["cpu", "cpu"])
+            >>> list(pipe.full_state_dict())
+            ['0.weight', '0.bias', '1.weight', '1.bias']
+        """
+        if self._group is None:
+            return OrderedDict((k, v.detach().cpu()) for k, v in self.state_dict().items())
+        return _ranks.full_state_dict(self.state_dict(), self._group, self._model_keys)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """As ``nn.Module.load_state_dict``; with ``group`` it takes the whole model's state
+        dict (``full_state_dict()``, the plain model's, or one saved with another number of
+        ranks) and each rank loads its own stages' keys.
+
+        Example::
+
+            >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+            >>> pipe = shardpipe.Pipeline(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)),
+            ...                           ["cpu", "cpu"])
+            >>> pipe.load_state_dict(model.state_dict())
+            <All keys matched successfully>
+        """
+        if self._group is None:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        own = set(self.state_dict().keys())
+        known = set(self._model_keys)
+        missing = [k for k in self.state_dict() if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in known]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for Pipeline on rank {self._rank}: "
+                               f"missing keys {missing}, unexpected keys {unexpected}")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False,
+                                assign=assign)
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def _commit_batch_norm(self):
         if self.training:

@@ -1,30 +1,23 @@
 """Sharded linear layers over a torch.distributed process group: gloo on 2 and 4 local ranks.
 
-One spawn per world size runs every ``check_*`` below on all ranks (starting processes is
-the slow part); each test then reports its own check. Baselines are nn.Linear with the same
+One spawn per world size runs every ``check_*`` below on all ranks (dist_harness.py); each
+test then reports its own check. Baselines are nn.Linear with the same
 weights, computed on every rank in the same check. Every wait has a timeout.
 """
 
-import datetime
-import json
 import os
-import pathlib
-import socket
 import subprocess
 import sys
-import time
-import traceback
 
+import dist_harness
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = dist_harness.REPO
 WORLDS = [2, 4]
 SPAWN_TIMEOUT_S = 240
-COLLECTIVE_TIMEOUT_S = 60
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
@@ -393,58 +386,16 @@ CHECKS = [name for name in list(globals()) if name.startswith("check_")]
 # --- spawning --------------------------------------------------------------------------
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_checks(rank, world, port, out_dir):
-    """Runs in every rank: each check, with a barrier before it; results to a JSON file."""
-    sys.path.insert(0, str(REPO / "python"))
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    results = {}
-    try:
-        for name in CHECKS:
-            dist.barrier()
-            try:
-                globals()[name](rank, world)
-                results[name] = None
-            except Exception:
-                results[name] = traceback.format_exc()
-    finally:
-        pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
 def results(request, tmp_path_factory):
     world = request.param
     out_dir = tmp_path_factory.mktemp(f"world{world}")
-    context = mp.start_processes(
-        run_checks, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} ranks did not finish within {SPAWN_TIMEOUT_S} s")
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    return dist_harness.run_checks(__name__, CHECKS, world, out_dir, SPAWN_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("check", CHECKS)
 def test_check(results, check):
-    failures = [
-        f"--- rank {rank} ---\n{res[check]}" for rank, res in enumerate(results)
-        if res.get(check, "did not run") is not None
-    ]
-    assert not failures, "\n".join(failures)
+    dist_harness.assert_passed(results, check)
 
 
 # --- the example under torchrun ---------------------------------------------------------

@@ -1,0 +1,120 @@
+"""The parts of a ``Pipeline(..., group=)`` that only Python can do: checking that the ranks
+agree, materialising this rank's stage, and the collective state dicts. The pipeline itself
+(the schedule, the messages between ranks, faults) runs in the C++ engine."""
+
+import hashlib
+import itertools
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ._checks import as_device_list
+
+__all__ = []
+
+
+def check_group(group):
+    """``group`` if it is a usable torch.distributed ProcessGroup."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup, got "
+                        f"{type(group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError("group: torch.distributed is not initialised; call "
+                         "dist.init_process_group() first")
+    return group
+
+
+def rank_device(devices):
+    """This rank's device: ``devices=[d]``, else ``cuda:LOCAL_RANK`` with CUDA, else the CPU.
+    Messages between ranks travel through gloo, which carries CPU tensors only so far."""
+    import os
+
+    if devices is None:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            device = torch.device("cpu")
+    else:
+        listed = as_device_list(devices, "devices")
+        if len(listed) != 1:
+            raise ValueError(f"devices: with group= give this rank's one device, e.g. "
+                             f"devices=['cpu'], got {len(listed)}")
+        device = listed[0]
+    if device.type != "cpu":
+        raise ValueError(f"devices: a pipeline over ranks runs its stages on the CPU (gloo) so "
+                         f"far, got {device}; pass devices=['cpu']")
+    return device
+
+
+def _structure_digest(blocks):
+    described = [(name, type(block).__qualname__,
+                  [(n, tuple(p.shape), str(p.dtype)) for n, p in
+                   itertools.chain(block.named_parameters(), block.named_buffers())])
+                 for name, block in blocks]
+    return hashlib.sha256(repr(described).encode()).hexdigest()[:16]
+
+
+def check_ranks_agree(group, blocks, settings):
+    """Raises ``ValueError`` on every rank, naming what differs, unless every rank of
+    ``group`` builds the same pipeline (``settings``: name -> value) of the same model."""
+    import torch.distributed as dist
+
+    mine = dict(settings, model=_structure_digest(blocks))
+    everyone = [None] * group.size()
+    dist.all_gather_object(everyone, mine, group=group)
+    differ = [name for name in mine if any(other[name] != mine[name] for other in everyone)]
+    if differ:
+        lines = "; ".join(
+            f"{name}: " + ", ".join(f"rank {r} {other[name]!r}" for r, other in enumerate(everyone))
+            for name in differ)
+        what = " (the model's structure: block names, types and tensor shapes)" \
+            if "model" in differ else ""
+        raise ValueError(f"group: the ranks build different pipelines{what}: {lines}")
+
+
+def materialise(blocks, device):
+    """Moves this rank's blocks to ``device``; blocks on the meta device get storage there and
+    are initialised as their modules' own ``reset_parameters`` does."""
+    for _, block in blocks:
+        tensors = itertools.chain(block.parameters(), block.buffers())
+        if any(t.is_meta for t in tensors):
+            block.to_empty(device=device)
+            with torch.no_grad():
+                for module in block.modules():
+                    reset = getattr(module, "reset_parameters", None)
+                    if callable(reset):
+                        reset()
+        else:
+            block.to(device)
+
+
+def register_blocks(owner, blocks):
+    """Registers ``blocks`` (dotted names, as ``_blocks`` gives them) on ``owner`` under those
+    names, so that its ``state_dict`` holds exactly these blocks under the model's keys."""
+    for name, block in blocks:
+        *path, leaf = name.split(".")
+        parent = owner
+        for part in path:
+            child = parent._modules.get(part)
+            if child is None:
+                child = nn.Sequential()
+                parent.add_module(part, child)
+            parent = child
+        parent.add_module(leaf, block)
+
+
+def full_state_dict(local, group, keys):
+    """Every rank's ``local`` state dict gathered (collective), on the CPU, in the model's key
+    order ``keys``."""
+    import torch.distributed as dist
+
+    mine = OrderedDict((k, v.detach().cpu()) for k, v in local.items())
+    everyone = [None] * group.size()
+    dist.all_gather_object(everyone, mine, group=group)
+    merged = {}
+    for part in everyone:
+        merged.update(part)
+    return OrderedDict((k, merged[k]) for k in keys if k in merged)

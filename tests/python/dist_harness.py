@@ -1,0 +1,98 @@
+"""Running ``check_*`` functions on several gloo ranks on loopback, for the multi-process tests.
+
+One spawn per world size runs every check of a test module on all ranks (starting processes
+is the slow part), a barrier before each; every rank writes what each check raised (None:
+passed) to a JSON file, and the test of each check reports its own result. The whole spawn
+has a deadline after which the ranks are killed, and every collective a timeout, so a hang
+fails the test instead of stalling CI.
+"""
+
+import datetime
+import importlib
+import json
+import pathlib
+import socket
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+COLLECTIVE_TIMEOUT_S = 60
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_loopback(rank, world, port):
+    """Joins the gloo group of ``world`` ranks on 127.0.0.1:``port``."""
+    sys.path.insert(0, str(REPO / "python"))
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+
+
+def _run_checks(rank, world, port, out_dir, module_name, checks):
+    init_loopback(rank, world, port)
+    module = importlib.import_module(module_name)
+    results = {}
+    path = pathlib.Path(out_dir, f"rank{rank}.json")
+    for name in checks:
+        # Written before and after each check: a rank that is killed or hangs still tells
+        # which check it was in.
+        results[name] = "started, never finished"
+        path.write_text(json.dumps(results))
+        dist.barrier()
+        try:
+            getattr(module, name)(rank, world)
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
+        path.write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def spawn(fn, world, args, timeout_s):
+    """Runs ``fn(rank, *args)`` on ``world`` spawned processes; kills them and fails the
+    test when they have not all finished within ``timeout_s``. Returns their exit codes."""
+    context = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} ranks did not finish within {timeout_s} s")
+    except (mp.ProcessExitedException, mp.ProcessRaisedException):
+        pass  # what the ranks wrote says what went wrong
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+    return [p.exitcode for p in context.processes]
+
+
+def run_checks(module_name, checks, world, out_dir, timeout_s):
+    """Every check of ``module_name`` on ``world`` ranks; per rank, what each raised."""
+    spawn(_run_checks, world, (world, free_port(), str(out_dir), module_name, checks), timeout_s)
+    results = []
+    for r in range(world):
+        path = pathlib.Path(out_dir) / f"rank{r}.json"
+        results.append(json.loads(path.read_text()) if path.exists() else {})
+    return results
+
+
+def assert_passed(results, check):
+    failures = [
+        f"--- rank {rank} ---\n{res[check]}" for rank, res in enumerate(results)
+        if res.get(check, "did not run") is not None
+    ]
+    assert not failures, "\n".join(failures)
