@@ -16,6 +16,8 @@ the same experiment, every way in one run on the same model and shapes:
   process per stage (gloo on CPU, NCCL on GPUs), spawned by this script on a free loopback
   port. It runs only the chunk counts that divide the batch. Its processes live through the
   whole measurement and take their turn in every round like the other ways.
+- ``shardpipe, process per stage``: ``shardpipe.Pipeline(model, group=...)`` with GPipe, one
+  process per stage like ``torch pipelining`` and run the same way (CPU stages over gloo).
 
 Every pipelined way uses the same stages (``shardpipe.balance_by_time`` on a micro-batch of
 the sweep's middle chunk count, or ``--balance``; a stage may end inside ``layer1``..
@@ -215,12 +217,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torch_pipelining_worker(rank, port, args, balance, chunk_list, commands, results):
-    """One stage of ``torch.distributed.pipelining`` (ScheduleGPipe), kept alive between runs.
+def stage_process_worker(rank, port, args, balance, chunk_list, commands, results, kind):
+    """One stage of a pipeline with one process per stage, kept alive between runs:
+    ``torch.distributed.pipelining`` (ScheduleGPipe; kind "torch") or
+    ``shardpipe.Pipeline(..., group=)`` with GPipe (kind "shardpipe").
 
-    It builds one schedule per chunk count, warms each up, says it is ready, then runs one
-    timed run of all batches for every chunk count that ``commands`` names, until None;
-    rank 0 reports the seconds (or the error) on ``results``."""
+    It builds one schedule (pipeline) per chunk count, warms each up, says it is ready, then
+    runs one timed run of all batches for every chunk count that ``commands`` names, until
+    None; rank 0 reports the seconds (or the error) on ``results``."""
     devices = [torch.device(d) for d in args.devices]
     device = devices[rank]
     world = len(devices)
@@ -232,30 +236,42 @@ def torch_pipelining_worker(rank, port, args, balance, chunk_list, commands, res
         dist.init_process_group("gloo" if device.type == "cpu" else "nccl",
                                 init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=args.peer_timeout))
-        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
-
         torch.manual_seed(args.seed)
         model = torchvision.models.resnet50(num_classes=args.classes)
-        module = stage_modules(model, balance, devices, args.nested)[rank]
-        del model
         batches = make_batches(args, device, device)
-        optimizer = torch.optim.SGD(module.parameters(), lr=args.lr)
-        schedules = {chunks: ScheduleGPipe(PipelineStage(module, rank, world, device), chunks,
-                                           loss_fn=F.mse_loss)
+        if kind == "torch":
+            from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+            module = stage_modules(model, balance, devices, args.nested)[rank]
+            del model
+            schedules = {chunks: ScheduleGPipe(PipelineStage(module, rank, world, device),
+                                               chunks, loss_fn=F.mse_loss)
+                         for chunks in chunk_list}
+
+            def step(chunks, images, labels):
+                if rank == 0:
+                    schedules[chunks].step(images, return_outputs=False)
+                elif rank == world - 1:
+                    schedules[chunks].step(target=labels, return_outputs=False)
+                else:
+                    schedules[chunks].step(return_outputs=False)
+        else:
+            pipes = {chunks: sp.Pipeline(sp.sequentialize(model), group=dist.group.WORLD,
+                                         chunks=chunks, balance=balance, nested=args.nested,
+                                         timeout=args.peer_timeout)
                      for chunks in chunk_list}
+            module = pipes[chunk_list[0]]
+
+            def step(chunks, images, labels):
+                pipes[chunks].train_step(images, labels, F.mse_loss)
+        optimizer = torch.optim.SGD(module.parameters(), lr=args.lr)
 
         def run(chunks):
-            schedule = schedules[chunks]
             dist.barrier()
             start = time.perf_counter()
             for images, labels in batches:
                 optimizer.zero_grad()
-                if rank == 0:
-                    schedule.step(images, return_outputs=False)
-                elif rank == world - 1:
-                    schedule.step(target=labels, return_outputs=False)
-                else:
-                    schedule.step(return_outputs=False)
+                step(chunks, images, labels)
                 optimizer.step()
             synchronize([device])
             dist.barrier()
@@ -277,19 +293,23 @@ def torch_pipelining_worker(rank, port, args, balance, chunk_list, commands, res
             dist.destroy_process_group()
 
 
-class TorchPipeliningPeer:
-    """``torch.distributed.pipelining`` on one process per stage, driven run by run from here
-    so that its runs take turns with the in-process ways (see ``measure_interleaved``)."""
+class StageProcessPeer:
+    """A pipeline on one process per stage (``kind``: "torch" for
+    ``torch.distributed.pipelining``, "shardpipe" for ``Pipeline(group=)``), driven run by run
+    from here so that its runs take turns with the in-process ways (see
+    ``measure_interleaved``)."""
 
-    def __init__(self, args, balance, chunk_list):
+    def __init__(self, args, balance, chunk_list, kind):
+        self.name = "torch pipelining" if kind == "torch" else "shardpipe, process per stage"
         context = mp.get_context("spawn")
         self.timeout = args.peer_timeout
         self.results = context.Queue()
         self.commands = [context.Queue() for _ in args.devices]
         port = free_port()
         self.processes = [
-            context.Process(target=torch_pipelining_worker,
-                            args=(rank, port, args, balance, chunk_list, commands, self.results))
+            context.Process(target=stage_process_worker,
+                            args=(rank, port, args, balance, chunk_list, commands, self.results,
+                                  kind))
             for rank, commands in enumerate(self.commands)]
         for process in self.processes:
             process.start()
@@ -303,14 +323,14 @@ class TorchPipeliningPeer:
             except queue.Empty:
                 dead = [p.exitcode for p in self.processes if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError("torch pipelining: a stage process exited with "
+                    raise RuntimeError(f"{self.name}: a stage process exited with "
                                        f"{dead[0]}") from None
                 continue
             if kind == "error":
-                raise RuntimeError(f"torch pipelining failed: {value}")
+                raise RuntimeError(f"{self.name} failed: {value}")
             assert kind == expected, (kind, expected)
             return value
-        raise TimeoutError(f"torch pipelining: no answer within --peer-timeout {self.timeout} s")
+        raise TimeoutError(f"{self.name}: no answer within --peer-timeout {self.timeout} s")
 
     def runner(self, chunks):
         """A ``run()`` for ``measure_interleaved``: one timed run of all batches."""
@@ -440,19 +460,27 @@ def main():
             ways.append(way(f"shardpipe {schedule}", split_size(args.batch, chunks), chunks,
                             stage_threads, pipeline_step(pipe, args.lr), batches))
 
-    peer, peer_note = None, None
+    peers, notes = [], []
     if not args.torch_pipelining:
-        peer_note = "torch pipelining: skipped (--no-torch-pipelining)"
+        notes.append("torch pipelining: skipped (--no-torch-pipelining)")
     elif len(set(devices)) < len(devices) and not on_cpu:
-        peer_note = "torch pipelining: skipped (NCCL needs one device per process)"
+        notes.append("torch pipelining: skipped (NCCL needs one device per process)")
     else:
         even = [c for c in args.chunks if args.batch % c == 0]
-        peer = TorchPipeliningPeer(args, balance, even)
-        ways += [("torch pipelining", split_size(args.batch, c), c, peer.runner(c)) for c in even]
+        peers.append(StageProcessPeer(args, balance, even, "torch"))
+        ways += [(peers[-1].name, split_size(args.batch, c), c, peers[-1].runner(c))
+                 for c in even]
+    if on_cpu:
+        peers.append(StageProcessPeer(args, balance, list(args.chunks), "shardpipe"))
+        ways += [(peers[-1].name, split_size(args.batch, c), c, peers[-1].runner(c))
+                 for c in args.chunks]
+    else:
+        notes.append("shardpipe, process per stage: skipped (CPU stages over gloo only so far)")
+    peer_note = "\n".join(notes) or None
     try:
         rows = measure_interleaved(ways, args.repeats)
     finally:
-        if peer is not None:
+        for peer in peers:
             peer.close()
     if 1 in args.chunks:
         naive = next(r for r in rows if r[0] == "naive split")
@@ -550,7 +578,8 @@ def report(args, rows, balance, timelines, peer_note):
          f"{args.image_size}px", f"seconds per {args.batches} batches")
     series = OrderedDict()
     for way, split, _, samples in rows:
-        if way in ("hand-written", "shardpipe gpipe", "shardpipe 1f1b", "torch pipelining"):
+        if way in ("hand-written", "shardpipe gpipe", "shardpipe 1f1b", "torch pipelining",
+                   "shardpipe, process per stage"):
             xs, means, stds = series.setdefault(way, ([], [], []))
             xs.append(split)
             means.append(statistics.mean(samples))

@@ -1,0 +1,185 @@
+"""The pipeline over ranks (``Pipeline(group=)``) against raw gloo and one process; prints ratios.
+
+    python benchmarks/multiproc_bench.py
+    python benchmarks/multiproc_bench.py --width 2048 --steps 20
+
+Spawns two gloo ranks on loopback (one intra-op thread each). Sections:
+
+1. Hand-off cost: a two-stage pipeline of shape-keeping stages, ``pipe(x)`` under
+   ``torch.no_grad()`` with ``--chunks`` micro-batches, per micro-batch, against a raw gloo
+   send + recv of the same tensor timed in the same processes. The pipeline's figure holds
+   the header message of each hand-off and, per step, the two small all-gathers (the batch
+   before the phase, the outcome after), spread over the micro-batches.
+2. Training throughput: an MLP of ``--blocks`` Linear+ReLU blocks, ``train_step`` with 1F1B,
+   over two ranks against the one-process pipeline on two CPU stages (``["cpu", "cpu"]``,
+   one thread each) and the plain model on one thread; the same batch and seed everywhere.
+
+Times are medians over interleaved rounds; ratios are against the baseline named in each
+row. Nothing here asserts on time.
+"""
+
+import argparse
+import copy
+import datetime
+import functools
+import pathlib
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+import shardpipe  # noqa: E402
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 16384, 262144, 1048576],
+                        help="floats per hand-off (section 1)")
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--width", type=int, default=1024, help="MLP width (section 2)")
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    return parser.parse_args()
+
+
+def median_time(fn, steps, rounds):
+    fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        samples.append((time.perf_counter() - start) / steps)
+    return statistics.median(samples)
+
+
+def slowest(seconds):
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+class Scale(nn.Module):
+    def forward(self, x):
+        return x * 1.0
+
+
+def forward_no_grad(pipe, x):
+    with torch.no_grad():
+        pipe(x)
+
+
+def raw_send_recv(rank, x, steps, rounds):
+    """One-way time of a gloo send of ``x`` from rank 0 to rank 1 (ping-pong halved)."""
+    buf = torch.empty_like(x)
+
+    def ping_pong():
+        if rank == 0:
+            dist.send(x, 1)
+            dist.recv(buf, 1)
+        else:
+            dist.recv(buf, 0)
+            dist.send(x, 0)
+
+    return median_time(ping_pong, steps, rounds) / 2
+
+
+def mlp(args):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(args.blocks):
+        layers += [nn.Linear(args.width, args.width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def rank_main(rank, world, port, args, queue):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=datetime.timedelta(seconds=120))
+    rows = []
+    pipe = shardpipe.Pipeline(nn.Sequential(Scale(), Scale()), group=dist.group.WORLD,
+                              chunks=args.chunks)
+    for size in args.sizes:
+        x = torch.randn(args.chunks, size)  # one row, `size` floats, per micro-batch
+        raw = slowest(raw_send_recv(rank, x[:1].contiguous(), args.steps, args.rounds))
+
+        per = slowest(median_time(functools.partial(forward_no_grad, pipe, x), args.steps,
+                                  args.rounds)) / args.chunks
+        rows.append((size * 4, raw, per))
+    pipe.close()
+
+    model = mlp(args)
+    x = torch.randn(args.batch, args.width)
+    y = torch.randn(args.batch, args.width)
+    pipe = shardpipe.Pipeline(copy.deepcopy(model), group=dist.group.WORLD, chunks=args.chunks,
+                              schedule="1f1b")
+    loss_fn = nn.functional.mse_loss
+    ranks_time = slowest(median_time(lambda: pipe.train_step(x, y, loss_fn), args.steps,
+                                     args.rounds))
+    pipe.close()
+    if rank == 0:
+        queue.put((rows, ranks_time))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_process(args):
+    torch.set_num_threads(1)
+    model = mlp(args)
+    x = torch.randn(args.batch, args.width)
+    y = torch.randn(args.batch, args.width)
+    loss_fn = nn.functional.mse_loss
+    pipe = shardpipe.Pipeline(copy.deepcopy(model), ["cpu", "cpu"], chunks=args.chunks,
+                              schedule="1f1b")
+    local = median_time(lambda: pipe.train_step(x, y, loss_fn), args.steps, args.rounds)
+    pipe.close()
+
+    def plain():
+        model.zero_grad()
+        loss_fn(model(x), y).backward()
+
+    return local, median_time(plain, args.steps, args.rounds)
+
+
+def main():
+    args = parse_args()
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(rank_main, args=(2, free_port(), args, queue), nprocs=2,
+                       start_method="spawn")
+    rows, ranks_time = queue.get()
+    local, plain = one_process(args)
+
+    print("1. Hand-off between two ranks, per micro-batch (gloo on loopback)")
+    print(f"{'bytes':>10} {'raw gloo us':>12} {'shardpipe us':>13} {'ratio':>7}")
+    for nbytes, raw, per in rows:
+        print(f"{nbytes:>10} {raw * 1e6:>12.1f} {per * 1e6:>13.1f} {per / raw:>7.2f}")
+    print()
+    print(f"2. Training step, MLP {args.blocks}x{args.width}, batch {args.batch}, "
+          f"chunks {args.chunks}, 1f1b")
+    print(f"{'configuration':<34} {'ms/step':>8} {'vs plain':>9} {'vs 1 process':>13}")
+    for name, t in (("plain model, 1 thread", plain),
+                    ("one process, 2 CPU stages", local),
+                    ("2 ranks, 1 stage each", ranks_time)):
+        print(f"{name:<34} {t * 1e3:>8.1f} {plain / t:>8.2f}x {local / t:>12.2f}x")
+    print("(x: throughput relative to the column's baseline; above 1 is faster)")
+
+
+if __name__ == "__main__":
+    main()
