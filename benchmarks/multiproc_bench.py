@@ -5,11 +5,12 @@
 
 Spawns two gloo ranks on loopback (one intra-op thread each). Sections:
 
-1. Hand-off cost: a two-stage pipeline of shape-keeping stages, ``pipe(x)`` under
+1. Hand-off cost: a two-stage pipeline of identity stages, ``pipe(x)`` under
    ``torch.no_grad()`` with ``--chunks`` micro-batches, per micro-batch, against a raw gloo
    send + recv of the same tensor timed in the same processes. The pipeline's figure holds
-   the header message of each hand-off and, per step, the two small all-gathers (the batch
-   before the phase, the outcome after), spread over the micro-batches.
+   the header message of each hand-off and, per step, the two rounds of small records between
+   the ranks (the batch before the phase, the outcome after), spread over the micro-batches,
+   and the last rank's concatenation of the micro-batches' outputs.
 2. Training throughput: an MLP of ``--blocks`` Linear+ReLU blocks, ``train_step`` with 1F1B,
    over two ranks against the one-process pipeline on two CPU stages (``["cpu", "cpu"]``,
    one thread each) and the plain model on one thread; the same batch and seed everywhere.
@@ -69,11 +70,6 @@ def slowest(seconds):
     return t.item()
 
 
-class Scale(nn.Module):
-    def forward(self, x):
-        return x * 1.0
-
-
 def forward_no_grad(pipe, x):
     with torch.no_grad():
         pipe(x)
@@ -108,7 +104,7 @@ def rank_main(rank, world, port, args, queue):
                             init_method=f"tcp://127.0.0.1:{port}",
                             timeout=datetime.timedelta(seconds=120))
     rows = []
-    pipe = shardpipe.Pipeline(nn.Sequential(Scale(), Scale()), group=dist.group.WORLD,
+    pipe = shardpipe.Pipeline(nn.Sequential(nn.Identity(), nn.Identity()), group=dist.group.WORLD,
                               chunks=args.chunks)
     for size in args.sizes:
         x = torch.randn(args.chunks, size)  # one row, `size` floats, per micro-batch
@@ -179,6 +175,15 @@ def main():
                     ("2 ranks, 1 stage each", ranks_time)):
         print(f"{name:<34} {t * 1e3:>8.1f} {plain / t:>8.2f}x {local / t:>12.2f}x")
     print("(x: throughput relative to the column's baseline; above 1 is faster)")
+    # What crosses between the two ranks per step: each micro-batch's activations down and
+    # gradients up, each message after a 1 KiB header; and two 1 KiB records per rank (the
+    # batch before the phase, the outcome after).
+    data = 2 * args.batch * args.width * 4
+    headers = 2 * args.chunks * 1024
+    rounds = 2 * 2 * 1024
+    print(f"bytes per step between the ranks: activations + gradients {data}, headers "
+          f"{headers}, outcome records {rounds}: {(data + headers + rounds) / data:.3f}x the "
+          "tensors' bytes")
 
 
 if __name__ == "__main__":

@@ -62,16 +62,16 @@ def _run_checks(rank, world, port, out_dir, module_name, checks):
 
 
 def spawn(fn, world, args, timeout_s):
-    """Runs ``fn(rank, *args)`` on ``world`` spawned processes; kills them and fails the
-    test when they have not all finished within ``timeout_s``. Returns their exit codes."""
+    """Runs ``fn(rank, *args)`` on ``world`` spawned processes and waits for all of them (one
+    that dies does not end the others: they must notice by themselves); kills them and fails
+    the test when they have not all finished within ``timeout_s``. Returns their exit codes."""
     context = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
-        while not context.join(timeout=1):
+        while any(p.is_alive() for p in context.processes):
             if time.monotonic() > deadline:
                 pytest.fail(f"{world} ranks did not finish within {timeout_s} s")
-    except (mp.ProcessExitedException, mp.ProcessRaisedException):
-        pass  # what the ranks wrote says what went wrong
+            time.sleep(0.2)
     finally:
         for process in context.processes:
             if process.is_alive():

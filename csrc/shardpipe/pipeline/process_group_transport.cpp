@@ -146,14 +146,27 @@ void ProcessGroupTransport::wait(c10d::Work& work, const std::string& what) {
   }
 }
 
-std::vector<ProcessGroupTransport::Record> ProcessGroupTransport::all_gather(const Record& mine) {
-  std::vector<at::Tensor> input{mine.encode(kOutcome)};
-  std::vector<std::vector<at::Tensor>> output(1);
-  for (int r = 0; r < ranks_; ++r) output[0].push_back(at::empty({kWords}, at::kLong));
-  auto work = group_->allgather(output, input);
-  wait(*work, "did not hear from every rank of the group");
+std::vector<ProcessGroupTransport::Record> ProcessGroupTransport::exchange(const Record& mine) {
+  // Every rank sends its record to every other: on gloo a small point-to-point exchange costs
+  // a third of an all-gather of the same bytes (measured on loopback, 2 ranks), and these
+  // rounds run twice a step. Tags above the channels' count the rounds, alike on every rank.
+  const int tag = static_cast<int>((1ull << 30) + rounds_++ % (1ull << 29));
+  at::Tensor header = mine.encode(kOutcome);
+  std::vector<at::Tensor> received(static_cast<size_t>(ranks_));
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  for (int r = 0; r < ranks_; ++r) {
+    if (r == rank_) continue;
+    std::vector<at::Tensor> out{header};
+    works.push_back(group_->send(out, r, tag));
+    received[r] = at::empty({kWords}, at::kLong);
+    std::vector<at::Tensor> in{received[r]};
+    works.push_back(group_->recv(in, r, tag));
+  }
+  for (auto& work : works) wait(*work, "did not hear from every rank of the group");
   std::vector<Record> records;
-  for (const auto& t : output[0]) records.push_back(Record::decode(t));
+  for (int r = 0; r < ranks_; ++r) {
+    records.push_back(r == rank_ ? mine : Record::decode(received[r]));
+  }
   return records;
 }
 
@@ -166,7 +179,7 @@ int64_t ProcessGroupTransport::share_batch(int64_t batch, std::exception_ptr loc
     mine.failed = true;
     mine.text = text_of(local);
   }
-  auto records = all_gather(mine);
+  auto records = exchange(mine);
   if (local) std::rethrow_exception(local);
   for (const auto& r : records) {
     TORCH_CHECK(!r.failed, r.message());
@@ -444,7 +457,7 @@ void ProcessGroupTransport::finish(Step& step) {
   }
   std::vector<Record> records;
   try {
-    records = all_gather(mine);
+    records = exchange(mine);
   } catch (...) {
     step.fail(std::current_exception(), place() + "exchanging the outcome");
     return;

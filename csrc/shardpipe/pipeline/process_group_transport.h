@@ -101,7 +101,8 @@ class ProcessGroupTransport : public LocalTransport {
   void send_record(int to, Outgoing& channel, const Record& record);
   void receive_all(Step& step, int from, std::vector<Message> messages, uint64_t sequence);
   Record failure_of(Step& step);
-  std::vector<Record> all_gather(const Record& mine);
+  // Every rank's record, in rank order (a collective of the group, bounded by the timeout).
+  std::vector<Record> exchange(const Record& mine);
   void wait(c10d::Work& work, const std::string& what);
   void check_usable() const;
   void mark_broken(const std::string& reason);
@@ -119,6 +120,7 @@ class ProcessGroupTransport : public LocalTransport {
   std::map<int, Outgoing> outgoing_;              // per receiving rank, for the running phase
   std::map<int, uint64_t> outgoing_sequence_;     // per receiving rank: messages sent so far
   std::map<int, uint64_t> incoming_sequence_;     // per sending rank: messages taken so far
+  uint64_t rounds_ = 0;                           // records exchanged by every rank so far
   std::mutex sends_mutex_;
   std::vector<Pending> sends_;
 
