@@ -549,7 +549,8 @@ PYBIND11_MODULE(_C, m) {
       .def(
           py::init([](std::vector<py::object> stages, std::vector<std::string> devices, int workers,
                       int64_t chunks, const std::string& schedule, const std::string& checkpoint,
-                      bool check_finite, const std::string& group_name, double timeout) {
+                      bool check_finite, const std::string& group_name, double timeout,
+                      const std::string& data_parallel_group) {
             std::vector<shardpipe::StageFn> fns;
             std::vector<shardpipe::StageTensors> tensors;
             for (auto& s : stages) {
@@ -571,6 +572,7 @@ PYBIND11_MODULE(_C, m) {
             options.check_finite = check_finite;
             options.group_name = group_name;
             options.timeout = timeout;
+            options.data_parallel_group = data_parallel_group;
             return without_gil([&] {
               return shardpipe::Engine::create(std::move(fns), std::move(options),
                                                std::move(tensors));
@@ -579,8 +581,10 @@ PYBIND11_MODULE(_C, m) {
           py::arg("stages"), py::arg("devices"), py::arg("workers"), py::arg("chunks"),
           py::arg("schedule"), py::arg("checkpoint"), py::arg("check_finite") = false,
           py::arg("group_name") = "", py::arg("timeout") = 120.0,
+          py::arg("data_parallel_group") = "",
           "`group_name` non-empty: the stages span that process group's ranks, worker w on "
-          "rank w; `stages` holds None for the other ranks' stages.")
+          "rank w; `stages` holds None for the other ranks' stages. `data_parallel_group` "
+          "non-empty: the gradients are averaged over that group after every step.")
       .def(
           "forward",
           [](shardpipe::Engine& e, const Activations& inputs, const std::vector<bool>& batched,
@@ -618,7 +622,11 @@ PYBIND11_MODULE(_C, m) {
                return 0;
              });
            })
-      .def("set_tracing", [](shardpipe::Engine& e, bool on) { e.executor().set_tracing(on); })
+      .def("set_tracing", [](shardpipe::Engine& e, bool on) { e.set_tracing(on); })
+      .def_property(
+          "gradient_sync", &shardpipe::Engine::gradient_sync,
+          [](shardpipe::Engine& e, bool on) { e.set_gradient_sync(on); },
+          "With a data_parallel_group: whether steps average the gradients (off: no_sync).")
       .def_property(
           "threads",
           [](shardpipe::Engine& e) { return shardpipe::threads_name(e.executor().threads()); },
@@ -636,6 +644,14 @@ PYBIND11_MODULE(_C, m) {
              for (const auto& ev : e.executor().take_trace()) {
                events.append(py::make_tuple(ev.stage, ev.micro_batch, phase_name(ev.phase),
                                             ev.worker, ev.start_us, ev.end_us));
+             }
+             // A stage's gradient reduction (stage -1: the caller waiting for all of them),
+             // from its buckets' start to when the caller saw it done.
+             if (auto* reducer = e.reducer()) {
+               for (const auto& r : reducer->take_times()) {
+                 events.append(py::make_tuple(r.stage, -1, r.stage < 0 ? "reduce_wait" : "reduce",
+                                              -1, r.issued_us, r.done_us));
+               }
              }
              return events;
            })

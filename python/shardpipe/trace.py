@@ -5,6 +5,7 @@ import json
 __all__ = ["Trace"]
 
 _LETTERS = {"forward": "F", "backward": "B", "weight": "W"}
+_REDUCTIONS = ("reduce", "reduce_wait")
 
 
 class Trace:
@@ -13,7 +14,10 @@ class Trace:
     ``events`` holds one dict per task: ``stage``, ``micro_batch``, ``phase``
     (``"forward"``/``"backward"``, and ``"weight"`` for the weight gradients of the
     zero-bubble schedules, whose ``"backward"`` is the input gradient), ``worker``,
-    ``start_us`` and ``end_us``.
+    ``start_us`` and ``end_us``. With a ``data_parallel_group`` it also holds, per step, one
+    ``"reduce"`` event per stage (from when its gradients went out to when the caller saw
+    them back; ``micro_batch`` and ``worker`` are -1) and one ``"reduce_wait"`` (stage -1:
+    the caller waiting for all of them after the pipeline's last task).
 
     Example::
 
@@ -40,24 +44,29 @@ class Trace:
 
     def bubble_fraction(self):
         """Idle share of the workers between the first task's start and the last's end."""
-        if not self.events:
+        tasks = [e for e in self.events if e["phase"] in _LETTERS]
+        if not tasks:
             return 0.0
-        start = min(e["start_us"] for e in self.events)
-        end = max(e["end_us"] for e in self.events)
-        workers = len({e["worker"] for e in self.events})
-        busy = sum(e["end_us"] - e["start_us"] for e in self.events)
+        start = min(e["start_us"] for e in tasks)
+        end = max(e["end_us"] for e in tasks)
+        workers = len({e["worker"] for e in tasks})
+        busy = sum(e["end_us"] - e["start_us"] for e in tasks)
         span = (end - start) * workers
         return max(0.0, 1.0 - busy / span) if span > 0 else 0.0
 
     def to_chrome(self):
         """The trace in Chrome's trace-event format (a dict ready for ``json.dump``)."""
-        events = [
-            dict(name=f"{_LETTERS[e['phase']]}{e['micro_batch']}",
-                 cat=e["phase"], ph="X", ts=e["start_us"], dur=e["end_us"] - e["start_us"],
-                 pid=0, tid=e["worker"],
-                 args=dict(stage=e["stage"], micro_batch=e["micro_batch"]))
-            for e in self.events
-        ]
+        events = []
+        for e in self.events:
+            if e["phase"] in _REDUCTIONS:
+                # Reductions on a track of their own, after the workers'.
+                name = "wait" if e["phase"] == "reduce_wait" else f"R{e['stage']}"
+                tid = "data-parallel reduction"
+            else:
+                name, tid = f"{_LETTERS[e['phase']]}{e['micro_batch']}", e["worker"]
+            events.append(dict(name=name, cat=e["phase"], ph="X", ts=e["start_us"],
+                               dur=e["end_us"] - e["start_us"], pid=0, tid=tid,
+                               args=dict(stage=e["stage"], micro_batch=e["micro_batch"])))
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def save(self, path):

@@ -86,6 +86,32 @@ Engine::Engine(std::vector<StageFn> stages, EngineOptions options,
                                 options_.check_finite, *transport_);
   }
   executor_ = std::make_unique<Executor>(placement_, *transport_, stage_workers_);
+  if (!options_.data_parallel_group.empty()) {
+    std::vector<TensorsFn> parameters(static_cast<size_t>(placement_.stages()));
+    std::optional<at::Device> device;
+    for (int s = 0; s < placement_.stages(); ++s) {
+      if (!runs_stage(s)) continue;
+      if (!device) device = placement_.stage_devices[s];
+      parameters[s] = s < static_cast<int>(tensors.size()) && tensors[s].parameters
+                          ? tensors[s].parameters
+                          : TensorsFn([] { return std::vector<at::Tensor>(); });
+    }
+    Executor* executor = executor_.get();
+    reducer_ = std::make_unique<GradientReducer>(
+        options_.data_parallel_group, std::move(parameters), streams_, device.value(),
+        std::chrono::milliseconds(static_cast<int64_t>(options_.timeout * 1000.0)),
+        [executor] { return executor->now_us(); });
+  }
+}
+
+void Engine::set_tracing(bool on) {
+  executor_->set_tracing(on);
+  if (reducer_) reducer_->set_recording(on);
+}
+
+void Engine::set_gradient_sync(bool on) {
+  TORCH_CHECK_VALUE(reducer_, "shardpipe: gradient sync needs a data_parallel_group");
+  reducer_->set_enabled(on);
 }
 
 Engine::~Engine() { executor_.reset(); }
@@ -220,6 +246,21 @@ Values Engine::forward(const Values& values, const std::vector<bool>& batched, b
 }
 
 std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tensor>& grads) {
+  auto reduction = reducer_ && reducer_->enabled() ? reducer_->begin() : nullptr;
+  if (!reduction) return run_backward(step, grads, nullptr);
+  std::vector<at::Tensor> result;
+  try {
+    result = run_backward(step, grads, reduction.get());
+  } catch (...) {
+    reduction->finish(std::current_exception());
+    throw;  // finish rethrows; kept for the reader
+  }
+  reduction->finish(nullptr);
+  return result;
+}
+
+std::vector<at::Tensor> Engine::run_backward(Step& step, const std::vector<at::Tensor>& grads,
+                                             GradientReduction* reduction) {
   EngineCall call(this, lifecycle_, closed_);
   TORCH_CHECK(!step.backward_ran,
               "shardpipe: the pipeline's backward already ran for this forward");
@@ -249,7 +290,14 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
     slot.grad = transfer(g, placement_.stage_devices[S - 1], streams_[S - 1]);
     slot.has_grad = true;
   }
-  executor_->execute(step, schedule_for(m, Phase::kBackward), inline_device);
+  const Schedule& schedule = schedule_for(m, Phase::kBackward);
+  if (reduction) reduction->arm(step, schedule);
+  // The step outlives the reduction (its autograd node holds it): unhook it on the way out.
+  struct Unhook {
+    Step& step;
+    ~Unhook() { step.gradients_ready = nullptr; }
+  } unhook{step};
+  executor_->execute(step, schedule, inline_device);
   caller_waits_for_stages();
   return input_gradients(step, placement_.stage_devices[0]);
 }
@@ -257,6 +305,28 @@ std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tenso
 at::Tensor Engine::train_step(const Values& values, const std::vector<bool>& batched,
                               const Activations& targets, const LossFn& loss, bool sum_reduction,
                               bool training, std::exception_ptr refused) {
+  auto reduction = reducer_ && reducer_->enabled() ? reducer_->begin() : nullptr;
+  if (!reduction) {
+    return run_train_step(values, batched, targets, loss, sum_reduction, training, refused,
+                          nullptr);
+  }
+  at::Tensor result;
+  try {
+    result = run_train_step(values, batched, targets, loss, sum_reduction, training, refused,
+                            reduction.get());
+  } catch (...) {
+    // Every data-parallel peer is told, so none waits for this rank's gradients.
+    reduction->finish(std::current_exception());
+    throw;  // finish rethrows; kept for the reader
+  }
+  reduction->finish(nullptr);
+  return result;
+}
+
+at::Tensor Engine::run_train_step(const Values& values, const std::vector<bool>& batched,
+                                  const Activations& targets, const LossFn& loss,
+                                  bool sum_reduction, bool training, std::exception_ptr refused,
+                                  GradientReduction* reduction) {
   TORCH_CHECK(at::GradMode::is_enabled(),
               "shardpipe: train_step needs grad mode; it was called under torch.no_grad() or "
               "torch.inference_mode()");
@@ -297,7 +367,9 @@ at::Tensor Engine::train_step(const Values& values, const std::vector<bool>& bat
                                           : static_cast<double>(step->sizes[i]) / step->batch);
   }
   step->losses.resize(m);
-  executor_->execute(*step, schedule_for(m, std::nullopt), std::nullopt);
+  const Schedule& schedule = schedule_for(m, std::nullopt);
+  if (reduction) reduction->arm(*step, schedule);
+  executor_->execute(*step, schedule, std::nullopt);
 
   caller_waits_for_stages();
   at::Tensor total;

@@ -12,6 +12,7 @@
 
 #include "shardpipe/pipeline/checkpoint.h"
 #include "shardpipe/pipeline/executor.h"
+#include "shardpipe/pipeline/gradient_reducer.h"
 #include "shardpipe/pipeline/local_transport.h"
 #include "shardpipe/pipeline/placement.h"
 #include "shardpipe/pipeline/schedule.h"
@@ -36,6 +37,9 @@ struct EngineOptions {
   // (process_group_transport.h); every wait for a peer gives up after `timeout` seconds.
   std::string group_name;
   double timeout = 120.0;
+  // Non-empty: after each phase that makes parameter gradients, they are averaged over this
+  // data-parallel process group (gradient_reducer.h), each stage as soon as it is done.
+  std::string data_parallel_group;
 };
 
 // The pipeline's phases: splits a mini-batch into micro-batches, has the executor run the
@@ -80,6 +84,12 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void shutdown();
 
   Executor& executor() { return *executor_; }
+  // Tracing on: the executor records its tasks and the reducer its reductions.
+  void set_tracing(bool on);
+  // With data_parallel_group: off accumulates gradients locally (`no_sync`).
+  void set_gradient_sync(bool on);
+  bool gradient_sync() const { return reducer_ && reducer_->enabled(); }
+  GradientReducer* reducer() { return reducer_.get(); }
   int stages() const { return placement_.stages(); }
   // Whether stage s runs in this process (over ranks: on this rank).
   bool runs_stage(int s) const { return transport_->runs_here(placement_.worker_of(s)); }
@@ -101,6 +111,12 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // The schedule for a micro-batch count (the forward phase, the backward phase (B and W), or
   // all), made once and kept: the interleaved one is searched for by simulation.
   const Schedule& schedule_for(int micro_batches, std::optional<Phase> phase);
+  at::Tensor run_train_step(const Values& inputs, const std::vector<bool>& batched,
+                            const Activations& targets, const LossFn& loss, bool sum_reduction,
+                            bool training, std::exception_ptr refused,
+                            GradientReduction* reduction);
+  std::vector<at::Tensor> run_backward(Step& step, const std::vector<at::Tensor>& grads,
+                                       GradientReduction* reduction);
 
   EngineOptions options_;
   Placement placement_;
@@ -109,6 +125,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   ProcessGroupTransport* ranks_ = nullptr;  // transport_, when the stages span ranks
   std::vector<StageWorker> stage_workers_;
   std::unique_ptr<Executor> executor_;
+  std::unique_ptr<GradientReducer> reducer_;
   // Calls hold it shared and `shutdown` exclusively, so workers never go away under a
   // running step; `closed_` is read and written under it.
   std::shared_mutex lifecycle_;

@@ -148,6 +148,16 @@ void Executor::set_tracing(bool on) {
   tracing_ = on;
 }
 
+bool Executor::tracing() {
+  std::lock_guard<std::mutex> lock(trace_mutex_);
+  return tracing_;
+}
+
+double Executor::now_us() const {
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - epoch_)
+      .count();
+}
+
 std::vector<TraceEvent> Executor::take_trace() {
   std::lock_guard<std::mutex> lock(trace_mutex_);
   return std::exchange(trace_, {});
@@ -277,11 +287,28 @@ void Executor::run_lists(Step& step, const std::vector<const std::vector<Task>*>
       trace_.push_back({task->stage, task->micro_batch, task->phase,
                         placement_.worker_of(task->stage), us(start), us(end)});
     }
-    std::lock_guard<std::mutex> lock(step.mutex);
-    Slot& slot = step.at(task->stage, task->micro_batch);
-    if (task->phase == Phase::kForward) slot.forward_done = true;
-    if (task->phase == Phase::kBackward) slot.backward_done = true;
-    step.notify_locked();
+    bool gradients_final = false;
+    {
+      std::lock_guard<std::mutex> lock(step.mutex);
+      Slot& slot = step.at(task->stage, task->micro_batch);
+      if (task->phase == Phase::kForward) slot.forward_done = true;
+      if (task->phase == Phase::kBackward) slot.backward_done = true;
+      const Phase last = step.split_backward ? Phase::kWeight : Phase::kBackward;
+      if (step.gradients_ready && task->phase == last) {
+        gradients_final = --step.gradient_tasks_left[task->stage] == 0;
+      }
+      step.notify_locked();
+    }
+    if (gradients_final) {
+      try {
+        step.gradients_ready(task->stage);
+      } catch (...) {
+        step.fail(std::current_exception(), transport_.place() + "reducing stage " +
+                                                std::to_string(task->stage) +
+                                                "'s gradients over the data-parallel group");
+        return;
+      }
+    }
   }
 }
 

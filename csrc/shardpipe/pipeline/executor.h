@@ -70,7 +70,10 @@ class Executor {
   Threads last_threads() const;
 
   void set_tracing(bool on);
+  bool tracing();
   std::vector<TraceEvent> take_trace();
+  // Microseconds since the executor was made: the clock of the trace.
+  double now_us() const;
 
   // Joins the workers; the executor must not be used afterwards.
   void stop();

@@ -146,6 +146,11 @@ struct Step {
   // Over ranks: the step's loss as the last stage's rank computed it, known on every rank.
   at::Tensor shared_loss;
   bool backward_ran = false;
+  // Data parallel (gradient_reducer.h): told, on the worker's thread, when stage s has run
+  // its last gradient task of the phase (W when the backward is split, else B), counted down
+  // in `gradient_tasks_left` under `mutex`.
+  std::function<void(int stage)> gradients_ready;
+  std::vector<int> gradient_tasks_left;
   bool training = true;  // the module's mode: checkpointing trades memory in training only
 
   // Grad mode, autocast, ... of the thread that started the phase, which has them already.
