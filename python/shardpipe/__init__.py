@@ -6,6 +6,9 @@ The public surface at a glance:
 - ``Pipeline(module, devices, chunks, balance, schedule, checkpoint, deferred_batch_norm,
   nested)``: a drop-in ``nn.Module`` running a sequential model as a pipeline; ``NoChunk``
   marks inputs passed whole; ``DeferredBatchNorm``; ``Trace``.
+- ``Pipeline(..., group=, data_parallel_group=, mesh=)``: one stage per rank of a
+  ``torch.distributed`` group, gradients averaged over data-parallel replicas;
+  ``mesh(dp=, pp=, tp=)`` makes the ``DeviceMesh`` of a hybrid job.
 - ``sequentialize(model)``: a model as an ``nn.Sequential`` of its own blocks, same keys
   (values that skip blocks carried through the blocks in between).
 - ``Stash(name)`` / ``Pop(name, merge)`` in a ``SkipSequential``: skip connections in a
@@ -27,6 +30,7 @@ from .autotune import Plan, autotune
 from .balance import balance_by_size, balance_by_time
 from .batchnorm import DeferredBatchNorm
 from .copy import copy_to
+from .device_mesh import mesh
 from .parallelize import parallelize
 from .pipeline import NoChunk, Pipeline
 from .sequentialize import sequentialize
@@ -52,6 +56,7 @@ __all__ = [
     "balance_by_size",
     "balance_by_time",
     "copy_to",
+    "mesh",
     "parallelize",
     "sequentialize",
 ]

@@ -14,17 +14,55 @@ from ._checks import as_device_list
 __all__ = []
 
 
-def check_group(group):
-    """``group`` if it is a usable torch.distributed ProcessGroup."""
+def check_group(group, name="group"):
+    """``group`` if it is a usable torch.distributed ProcessGroup holding this process."""
     import torch.distributed as dist
 
     if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
-        raise TypeError(f"group must be a torch.distributed ProcessGroup, got "
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup, got "
                         f"{type(group).__name__}")
     if not dist.is_initialized():
-        raise ValueError("group: torch.distributed is not initialised; call "
+        raise ValueError(f"{name}: torch.distributed is not initialised; call "
                          "dist.init_process_group() first")
+    if group.rank() < 0:
+        raise ValueError(f"{name} must contain this process (its rank in {name} is -1)")
     return group
+
+
+def check_orthogonal(group, data_parallel_group):
+    """The pipeline's group and its data-parallel group may share only this process: the
+    data-parallel peers hold the same stage in other replicas of the pipeline."""
+    import torch.distributed as dist
+
+    pipeline = set(dist.get_process_group_ranks(group))
+    replicas = set(dist.get_process_group_ranks(data_parallel_group))
+    if pipeline & replicas != {dist.get_rank()}:
+        raise ValueError(
+            f"data_parallel_group (global ranks {sorted(replicas)}) must share only this rank "
+            f"with group (global ranks {sorted(pipeline)}): its ranks hold the same stage of "
+            "other copies of the pipeline; sp.mesh(dp=, pp=) makes such groups")
+
+
+def mesh_groups(mesh):
+    """``(group, data_parallel_group)`` of a DeviceMesh with dims named "pp" and/or "dp" (a
+    dim of size 1, or missing, gives None)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh (sp.mesh makes "
+                        f"one), got {type(mesh).__name__}")
+    names = mesh.mesh_dim_names or ()
+    unknown = [n for n in names if n not in ("dp", "pp", "tp")]
+    if not names or unknown:
+        raise ValueError(f"mesh: its dims must be named from 'dp', 'pp', 'tp' (sp.mesh names "
+                         f"them), got {names}")
+
+    def group_of(name):
+        if name not in names or mesh[name].size() == 1:
+            return None
+        return mesh[name].get_group()
+
+    return group_of("pp"), group_of("dp")
 
 
 def rank_device(devices):
@@ -51,15 +89,16 @@ def rank_device(devices):
 
 def _structure_digest(blocks):
     described = [(name, type(block).__qualname__,
-                  [(n, tuple(p.shape), str(p.dtype)) for n, p in
+                  [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in
                    itertools.chain(block.named_parameters(), block.named_buffers())])
                  for name, block in blocks]
     return hashlib.sha256(repr(described).encode()).hexdigest()[:16]
 
 
-def check_ranks_agree(group, blocks, settings):
+def check_ranks_agree(group, blocks, settings, argument="group"):
     """Raises ``ValueError`` on every rank, naming what differs, unless every rank of
-    ``group`` builds the same pipeline (``settings``: name -> value) of the same model."""
+    ``group`` (the argument ``argument``) builds the same pipeline (``settings``: name -> value)
+    of the same model."""
     import torch.distributed as dist
 
     mine = dict(settings, model=_structure_digest(blocks))
@@ -70,9 +109,9 @@ def check_ranks_agree(group, blocks, settings):
         lines = "; ".join(
             f"{name}: " + ", ".join(f"rank {r} {other[name]!r}" for r, other in enumerate(everyone))
             for name in differ)
-        what = " (the model's structure: block names, types and tensor shapes)" \
+        what = " (the model's structure: block names, types, tensor shapes, requires_grad)" \
             if "model" in differ else ""
-        raise ValueError(f"group: the ranks build different pipelines{what}: {lines}")
+        raise ValueError(f"{argument}: the ranks build different pipelines{what}: {lines}")
 
 
 def materialise(blocks, device):

@@ -73,6 +73,10 @@ def parallelize(model, plan, *, devices=None, group=None):
         devices / group: where the shards go, as for ``ColumnParallelLinear`` (neither: the
             default process group if initialised, else each layer's own device).
 
+    Apply it to the model before wrapping it in a :class:`Pipeline` (with a mesh:
+    ``group=mesh["tp"].get_group()``); a pipeline, or a module one runs, is refused with
+    ``TypeError``.
+
     Returns:
         ``model`` itself.
 
@@ -87,6 +91,13 @@ def parallelize(model, plan, *, devices=None, group=None):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from .pipeline import in_pipeline
+
+    if in_pipeline(model):
+        raise TypeError("model: parallelize the model before building the Pipeline from it "
+                        "(sp.parallelize(model, plan, group=mesh['tp'].get_group()), then "
+                        "sp.Pipeline(model, mesh=mesh)); the stages of a built pipeline keep "
+                        "running the layers parallelize would replace")
     if not isinstance(plan, dict):
         raise TypeError(f"plan must be a dict of name pattern -> style, got {type(plan).__name__}")
     names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]

@@ -22,6 +22,48 @@ __all__ = ["Pipeline", "NoChunk"]
 LOSS_REDUCTIONS = ("mean", "sum")
 
 _live = weakref.WeakSet()
+# Every module some pipeline's stages run: sp.parallelize refuses them, since a pipeline's
+# stages would keep running the layers it replaced.
+_in_pipeline = weakref.WeakSet()
+
+
+def in_pipeline(module):
+    """Whether ``module`` or one of its submodules is run by a Pipeline's stages."""
+    return isinstance(module, Pipeline) or any(m in _in_pipeline for m in module.modules())
+
+
+def _refuse_fully_sharded(module):
+    """FSDP2 over a stage's modules would all-gather and reduce-scatter in every
+    micro-batch's forward and backward, from the stages' threads, in an order that differs
+    from rank to rank; the pipeline averages gradients itself instead."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without torch.distributed
+        return
+    for name, m in module.named_modules():
+        if isinstance(m, FSDPModule):
+            where = f"{name!r} is" if name else "the model is"
+            raise TypeError(
+                f"module: {where} wrapped by fully_shard (FSDP2), which a Pipeline cannot run: "
+                "its collectives would run per micro-batch on the stage threads, in an order "
+                "that differs between ranks. Build the Pipeline from the plain model and give "
+                "data_parallel_group= (or mesh=sp.mesh(dp=..., pp=...)) to average the "
+                "gradients over data-parallel ranks")
+
+
+def _refuse_inside_ddp():
+    from torch.nn.parallel import DistributedDataParallel
+
+    if getattr(DistributedDataParallel, "_active_ddp_module", None) is not None:
+        raise TypeError(_DDP_REFUSAL)
+
+
+_DDP_REFUSAL = (
+    "DistributedDataParallel cannot wrap a shardpipe Pipeline (or a model holding one): its "
+    "gradient hooks fire on the pipeline's worker threads, once per micro-batch, which gives "
+    "wrong gradients. Give the pipeline data_parallel_group= instead: "
+    "sp.Pipeline(model, devices, data_parallel_group=dist.group.WORLD) averages every stage's "
+    "gradients over that group itself, overlapped with the pipeline's drain")
 
 
 @atexit.register
@@ -245,8 +287,27 @@ class Pipeline(nn.Module):
             a Tensor or a flat tuple of at most 16 Tensors. A stage that raises makes every
             rank raise: the failing rank its own exception, the others a ``RuntimeError``
             naming the rank, stage and micro-batch.
-        timeout: with ``group``, the seconds any rank waits for a peer before it raises
-            naming the peer (a rank that died or never came); the pipeline is then unusable.
+        timeout: with ``group`` or ``data_parallel_group``, the seconds any rank waits for a
+            peer before it raises naming the peer (a rank that died or never came); the
+            pipeline is then unusable.
+        data_parallel_group: a ``torch.distributed`` ProcessGroup of replicas of this
+            pipeline (each fed its own share of the data, every one holding the same stages):
+            after each :meth:`train_step`, or ``pipe(x)`` then ``backward()``, every
+            parameter's gradient is the mean over the group, as ``DistributedDataParallel``
+            makes it. Each stage's gradients go out in buckets, asynchronously, as soon as its
+            last micro-batch's backward is done, overlapping the rest of the pipeline's drain;
+            the call returns once all have arrived. ``train_step`` still returns this
+            replica's loss (as a DDP training loop sees it); :meth:`no_sync` accumulates
+            locally. A replica whose step fails makes every replica raise (within ``timeout``
+            when ``pipe(x)`` itself failed on it, since the others wait in ``backward``).
+            ``DistributedDataParallel(pipe)`` and FSDP2's ``fully_shard`` on its modules are
+            refused: this is what replaces them.
+        mesh: a ``DeviceMesh`` with dims named ``"dp"``, ``"pp"``, ``"tp"``
+            (:func:`shardpipe.mesh` makes one): the pipeline runs over its ``"pp"`` dim
+            (``group``) and averages over its ``"dp"`` dim (``data_parallel_group``); a dim of
+            size 1 or missing is not used. Tensor-parallel layers inside the stages use its
+            ``"tp"`` dim: apply :func:`shardpipe.parallelize` with
+            ``group=mesh["tp"].get_group()`` to the model *before* building the pipeline.
 
     Example::
 
@@ -274,11 +335,27 @@ class Pipeline(nn.Module):
         ...                           schedule="1f1b")                      # doctest: +SKIP
         >>> loss = pipe.train_step(x, y, nn.functional.cross_entropy)      # doctest: +SKIP
         >>> full = pipe.full_state_dict()   # collective: the whole model  # doctest: +SKIP
+
+    Data parallel over pipelines, and DP x PP from a mesh (``torchrun --nproc-per-node 4``)::
+
+        >>> pipe = shardpipe.Pipeline(model, ["cpu", "cpu"], chunks=4,
+        ...                           data_parallel_group=dist.group.WORLD)  # doctest: +SKIP
+        >>> mesh = shardpipe.mesh(dp=2, pp=2)                               # doctest: +SKIP
+        >>> pipe = shardpipe.Pipeline(model, mesh=mesh, chunks=8)           # doctest: +SKIP
     """
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self):
+        # DistributedDataParallel reads this before any collective, on every rank alike.
+        raise TypeError(_DDP_REFUSAL)
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, value):
+        raise TypeError(_DDP_REFUSAL)
 
     def __init__(self, module, devices=None, chunks=1, balance=None, schedule="gpipe",
                  checkpoint="never", deferred_batch_norm=False, nested=False, check_finite=False,
-                 group=None, timeout=120.0):
+                 group=None, timeout=120.0, data_parallel_group=None, mesh=None):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -300,10 +377,21 @@ class Pipeline(nn.Module):
             if not isinstance(balance, (list, tuple)):
                 raise TypeError(f"balance must be a list of ints, got {type(balance).__name__}")
             balance = [check_int(b, f"balance[{i}]") for i, b in enumerate(balance)]
+        _refuse_fully_sharded(module)
+        if mesh is not None:
+            if group is not None or data_parallel_group is not None:
+                raise ValueError("mesh: give mesh= alone; its 'pp' dim is the pipeline's group "
+                                 "and its 'dp' dim the data_parallel_group")
+            group, data_parallel_group = _ranks.mesh_groups(mesh)
+        if data_parallel_group is not None:
+            data_parallel_group = _ranks.check_group(data_parallel_group, "data_parallel_group")
+            check_number(timeout, "timeout", minimum=1e-3)
         ranks = None
         if group is not None:
             group = _ranks.check_group(group)
             check_number(timeout, "timeout", minimum=1e-3)
+            if data_parallel_group is not None:
+                _ranks.check_orthogonal(group, data_parallel_group)
             if not blocks:
                 raise ValueError("module: an empty model has no stages to spread over ranks")
             ranks = group.size()
@@ -326,6 +414,7 @@ class Pipeline(nn.Module):
             balance, stage_devices, workers, stage_ranks = [], [], 0, []
 
         self._group = group
+        self._data_parallel_group = data_parallel_group
         self._timeout = timeout
         self._stage_ranks = stage_ranks
         self._rank = None if group is None else group.rank()
@@ -336,6 +425,14 @@ class Pipeline(nn.Module):
                 nested=nested, deferred_batch_norm=deferred_batch_norm,
                 check_finite=check_finite))
             self._model_keys = list(module.state_dict().keys())
+        if data_parallel_group is not None:
+            # Every replica must hold the same stages of the same model, or the buckets of
+            # their gradients would not line up.
+            _ranks.check_ranks_agree(data_parallel_group, blocks, dict(
+                chunks=chunks, schedule=schedule, balance=list(balance), checkpoint=checkpoint,
+                nested=nested, stages=len(balance), pipeline_rank=self._rank),
+                argument="data_parallel_group")
+        if group is not None:
             own, start = [], 0
             for size, r in zip(balance, stage_ranks):
                 if r == self._rank:
@@ -392,10 +489,16 @@ class Pipeline(nn.Module):
         self.__dict__["_stages"] = tuple(s for s in stages if s is not None)
         self.__dict__["_deferred"] = [m for m in self.modules()
                                       if isinstance(m, DeferredBatchNorm)]
+        self.__dict__["_stage_modules"] = [m for stage in self._stages for m in stage.modules()]
+        _in_pipeline.update(self._stages)
+        _in_pipeline.update(m for stage in self._stages for m in stage.modules())
         engine = None
         if stages:
             over_ranks = {} if self._group is None else dict(
                 group_name=self._group.group_name, timeout=float(self._timeout))
+            if self._data_parallel_group is not None:
+                over_ranks.update(data_parallel_group=self._data_parallel_group.group_name,
+                                  timeout=float(self._timeout))
             engine = _C.Engine(list(stages), [str(d) for d in self._devices], self._workers,
                                self._chunks, self._schedule, self._checkpoint,
                                self._check_finite, **over_ranks)
@@ -403,13 +506,17 @@ class Pipeline(nn.Module):
         _live.add(self)
 
     def __getstate__(self):
+        if self._data_parallel_group is not None:
+            raise TypeError("a Pipeline with a data_parallel_group cannot be copied or pickled "
+                            "(its gradients are averaged with other processes); save its "
+                            "state_dict() instead")
         if self._group is not None:
             raise TypeError("a Pipeline over a process group cannot be copied or pickled (its "
                             "stages live on several processes); save full_state_dict() instead")
         # The engine and its threads are this process's; a copy or an unpickled pipeline
         # makes its own from the same placement.
         state = self.__dict__.copy()
-        for name in ("_engine", "_stages", "_deferred"):
+        for name in ("_engine", "_stages", "_deferred", "_stage_modules"):
             state.pop(name, None)
         return state
 
@@ -491,6 +598,7 @@ class Pipeline(nn.Module):
         tensors concatenated over the micro-batches)."""
         if self._engine is None:  # an empty nn.Sequential is the identity
             return inputs[0] if len(inputs) == 1 else inputs
+        self._refuse_wrappers()
         if self._group is not None:
             return self._forward_over_ranks(inputs)
         tensors, batched, spec = _flatten_inputs(inputs)
@@ -526,8 +634,10 @@ class Pipeline(nn.Module):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS)
-        if self._group is not None:
-            return self._train_step_over_ranks(input, target, loss_fn, loss_reduction)
+        if self._engine is not None:
+            self._refuse_wrappers()
+        if self._group is not None or self._data_parallel_group is not None:
+            return self._train_step_collective(input, target, loss_fn, loss_reduction)
         tensors, batched, spec = _flatten_inputs((input,))
         targets = _as_targets(target)
         if self._engine is None:
@@ -558,15 +668,24 @@ class Pipeline(nn.Module):
             self._commit_batch_norm()
         return output
 
-    def _train_step_over_ranks(self, input, target, loss_fn, loss_reduction):
+    def _train_step_collective(self, input, target, loss_fn, loss_reduction):
+        # Over ranks, or with data-parallel peers: a bad argument reaches the engine, which
+        # makes every rank raise instead of leaving the others waiting.
         tensors, batched, spec, targets, refused = [], [], None, [], None
+        over_ranks = self._group is not None
         try:
-            if self._stage_ranks[0] == self._rank:
+            if not over_ranks or self._stage_ranks[0] == self._rank:
                 tensors, batched, spec = _flatten_inputs((input,))
-            if self._stage_ranks[-1] == self._rank:
+            if not over_ranks or self._stage_ranks[-1] == self._rank:
                 targets = _as_targets(target)
         except (TypeError, ValueError) as error:
             refused = error
+        if self._engine is None:
+            if refused is not None:
+                raise refused
+            loss = loss_fn(input, target)
+            loss.backward()
+            return loss.detach()
         loss = self._engine.train_step(tensors, batched, spec, targets, loss_fn,
                                        loss_reduction == "sum", self.training, refused)
         self._commit_batch_norm()
@@ -613,6 +732,44 @@ class Pipeline(nn.Module):
         super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False,
                                 assign=assign)
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def _refuse_wrappers(self):
+        _refuse_inside_ddp()
+        for m in self._stage_modules:
+            if type(m).__name__.startswith("FSDP"):
+                _refuse_fully_sharded(m)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """With ``data_parallel_group``: steps inside accumulate their gradients locally; the
+        first step after it averages everything accumulated (as
+        ``DistributedDataParallel.no_sync`` does). Every replica must use it alike. Without a
+        data-parallel group there is nothing to hold back and it does nothing.
+
+        Example::
+
+            >>> pipe = shardpipe.Pipeline(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1)),
+            ...                           ["cpu", "cpu"], chunks=2)
+            >>> x, y = torch.randn(8, 8), torch.randn(8, 1)
+            >>> with pipe.no_sync():      # gradient accumulation over two steps
+            ...     _ = pipe.train_step(x, y, nn.functional.mse_loss)
+            >>> _ = pipe.train_step(x, y, nn.functional.mse_loss)   # syncs both
+        """
+        engine = self._engine
+        if engine is None or self._data_parallel_group is None:
+            yield
+            return
+        previous = engine.gradient_sync
+        engine.gradient_sync = False
+        try:
+            yield
+        finally:
+            engine.gradient_sync = previous
+
+    @property
+    def data_parallel_group(self):
+        """The process group the gradients are averaged over, or None."""
+        return self._data_parallel_group
 
     def _commit_batch_norm(self):
         if self.training:

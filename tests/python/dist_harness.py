@@ -90,6 +90,29 @@ def run_checks(module_name, checks, world, out_dir, timeout_s):
     return results
 
 
+def checks_fixture(module_name, checks, worlds, timeout_s):
+    """A module-scoped pytest fixture running the checks of ``module_name`` once per world
+    size of ``worlds``: ``checks`` is a list run on every world, or a dict of world size to
+    its own list (then parametrize the tests with ``cases``). A test module assigns it to
+    ``results`` and asserts per check with ``assert_passed``."""
+
+    @pytest.fixture(scope="module", params=worlds, ids=lambda w: f"world{w}")
+    def results(request, tmp_path_factory):
+        world = request.param
+        chosen = checks[world] if isinstance(checks, dict) else checks
+        out_dir = tmp_path_factory.mktemp(f"world{world}")
+        return run_checks(module_name, chosen, world, out_dir, timeout_s)
+
+    return results
+
+
+def cases(checks_by_world):
+    """``pytest.param(world, check)`` for every check of every world, for
+    ``parametrize("results,check", cases(...), indirect=["results"])``."""
+    return [pytest.param(world, check, id=f"world{world}-{check}")
+            for world, checks in checks_by_world.items() for check in checks]
+
+
 def assert_passed(results, check):
     failures = [
         f"--- rank {rank} ---\n{res[check]}" for rank, res in enumerate(results)

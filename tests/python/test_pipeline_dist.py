@@ -398,11 +398,7 @@ def check_a_raising_loss_makes_every_rank_raise(rank, world):
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]
 
 
-@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
-def results(request, tmp_path_factory):
-    world = request.param
-    out_dir = tmp_path_factory.mktemp(f"world{world}")
-    return dist_harness.run_checks(__name__, CHECKS, world, out_dir, SPAWN_TIMEOUT_S)
+results = dist_harness.checks_fixture(__name__, CHECKS, WORLDS, SPAWN_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("check", CHECKS)
