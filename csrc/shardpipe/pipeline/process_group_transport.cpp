@@ -287,7 +287,7 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
   }
 }
 
-void ProcessGroupTransport::send(Step& step, const Message& message, const Activations& tensors,
+void ProcessGroupTransport::send(const Message& message, const Activations& tensors,
                                  const StructurePtr& structure,
                                  const std::vector<bool>& needs_grad) {
   const int to = placement_.worker_of(message.to_stage);
@@ -363,7 +363,7 @@ void ProcessGroupTransport::send_activations(Step& step, int stage, int i,
                                      std::move(needs_grad));
     return;
   }
-  send(step, {Phase::kForward, stage, stage + 1, i}, outputs, structure, needs_grad);
+  send({Phase::kForward, stage, stage + 1, i}, outputs, structure, needs_grad);
 }
 
 void ProcessGroupTransport::send_gradients(Step& step, int stage, int i, const Activations& grads) {
@@ -371,7 +371,7 @@ void ProcessGroupTransport::send_gradients(Step& step, int stage, int i, const A
     LocalTransport::send_gradients(step, stage, i, grads);
     return;
   }
-  send(step, {Phase::kBackward, stage, stage - 1, i}, grads, nullptr, {});
+  send({Phase::kBackward, stage, stage - 1, i}, grads, nullptr, {});
 }
 
 ProcessGroupTransport::Record ProcessGroupTransport::failure_of(Step& step) {
@@ -443,8 +443,6 @@ void ProcessGroupTransport::finish(Step& step) {
   }
   if (failed) {
     mine = failure_of(step);
-    // A rank raising only because a peer did says so; the peer's record names the origin.
-    mine.failed = true;
   } else {
     mine.origin = rank_;
     const int last = placement_.stages() - 1;
