@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import _C
 from ._blocks import _blocks
 from ._checks import as_device, as_device_list, check_bool, check_instance, check_int, check_number
-from .balance import _check_sample, _detach, _fresh, _graph_leaves, _synchronize
+from .balance import _check_sample, _detach, _fresh, _saved_by_backward, _synchronize
 from .pipeline import Pipeline
 from .sequentialize import sequentialize
 from .skip import _Stage
@@ -509,26 +509,19 @@ def _time_block(layer, x, target, loss_fn, device, repeats):
     samples = [run()[0] for _ in range(repeats)]
     best = tuple(min(s[i] for s in samples) for i in range(3))
 
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     fresh = _fresh(x)
     input_storages = {t.untyped_storage().data_ptr() for t in _tensors(fresh)}
     counter = FlopCounterMode(display=False)
-    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    losses = []
+
+    def forward():
         made = layer(fresh)
-        roots = _tensors(made) if target is None else [loss_fn(made, target)]
-        roots = [t for t in roots if t.requires_grad]
-        # Leaves the forward made with requires_grad=True live until backward too.
-        for leaf in _graph_leaves(made):
-            storage = leaf.untyped_storage()
-            if storage.data_ptr() not in param_storages:
-                saved[storage.data_ptr()] = storage.nbytes()
+        losses.extend(_tensors(made) if target is None else [loss_fn(made, target)])
+        return made
+
+    with counter:
+        made, saved = _saved_by_backward(forward, param_storages)
+        roots = [t for t in losses if t.requires_grad]
         if roots:
             torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
     layer.zero_grad(set_to_none=True)

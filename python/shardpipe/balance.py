@@ -71,6 +71,27 @@ def balance_by_time(model, sample, partitions, device=None, repeats=5, nested=Fa
     return _C.balance_partition(_profile(layers, sample, device, cost), partitions)
 
 
+def _saved_by_backward(run, excluded):
+    """``(run(), {storage: bytes})``: the storages the backward of what ``run`` makes keeps
+    alive (what autograd saves, and the tensors the forward made with requires_grad=True,
+    leaves of its graph that no function saved), those in ``excluded`` not counted."""
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        made = run()
+    for leaf in _graph_leaves(made):
+        storage = leaf.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
+    return made, saved
+
+
 def balance_by_size(model, sample, partitions, device=None, param_scale=2.0, nested=False):
     """Balance a pipeline by the memory each child holds during training.
 
@@ -108,23 +129,8 @@ def balance_by_size(model, sample, partitions, device=None, param_scale=2.0, nes
 
     def cost(layer, x):
         params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-        saved = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
         fresh = _fresh(x)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = layer(fresh)
-        # Tensors the forward made with requires_grad=True are leaves of its graph, which
-        # keeps them alive until backward although no autograd function saved them.
-        for leaf in _graph_leaves(out):
-            storage = leaf.untyped_storage()
-            if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
+        out, saved = _saved_by_backward(lambda: layer(fresh), params)
         weights = sum(p.numel() * p.element_size() for p in layer.parameters())
         buffers = sum(b.numel() * b.element_size() for b in layer.buffers())
         return float(param_scale * weights + buffers + sum(saved.values())), out
