@@ -158,8 +158,11 @@ def fuzz_row(timeout_s, long):
     except subprocess.TimeoutExpired:
         return {"tried": "?", "failing": "?", "crashed": 0, "hung": 1}
     out = done.stdout + done.stderr
-    passing = sum(int(n) for n in re.findall(r"(\d+) passing examples", out))
-    failing = sum(int(n) for n in re.findall(r"(\d+) failing examples", out))
+    # hypothesis's statistics, one line per test and phase: "- 93 passing, 0 failing, and 7
+    # invalid test cases".
+    counts = re.findall(r"(\d+) passing, (\d+) failing, and \d+ invalid test cases", out)
+    passing = sum(int(p) for p, _ in counts)
+    failing = sum(int(f) for _, f in counts)
     failed_tests = len(re.findall(r"^FAILED ", out, re.MULTILINE))
     crashed = 1 if done.returncode < 0 or "Fatal Python error" in out else 0
     return {"tried": passing + failing, "failing": max(failing, failed_tests),
