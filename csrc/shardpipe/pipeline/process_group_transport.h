@@ -96,8 +96,8 @@ class ProcessGroupTransport : public LocalTransport {
   };
 
   bool remote(int stage) const { return placement_.worker_of(stage) != rank_; }
-  void send(const Message& message, const Activations& tensors,
-            const StructurePtr& structure, const std::vector<bool>& needs_grad);
+  void send(const Message& message, const Activations& tensors, const StructurePtr& structure,
+            const std::vector<bool>& needs_grad);
   void send_record(int to, Outgoing& channel, const Record& record);
   void receive_all(Step& step, int from, std::vector<Message> messages, uint64_t sequence);
   Record failure_of(Step& step);
