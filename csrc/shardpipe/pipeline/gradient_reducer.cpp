@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include <algorithm>
@@ -64,16 +65,21 @@ std::unique_ptr<GradientReduction> GradientReducer::begin() {
   // them, which goes last: by then every stage using it has added its share.
   std::vector<std::vector<at::Tensor>> params(parameters_.size());
   std::unordered_map<const c10::TensorImpl*, int> owner;
+  std::unordered_map<const c10::TensorImpl*, int> users;
   for (size_t s = 0; s < parameters_.size(); ++s) {
     if (!parameters_[s]) continue;
     params[s] = parameters_[s]();
-    for (const auto& p : params[s]) owner.emplace(p.unsafeGetTensorImpl(), static_cast<int>(s));
+    std::set<const c10::TensorImpl*> here;
+    for (const auto& p : params[s]) {
+      owner.emplace(p.unsafeGetTensorImpl(), static_cast<int>(s));
+      if (here.insert(p.unsafeGetTensorImpl()).second) users[p.unsafeGetTensorImpl()]++;
+    }
   }
   for (int s = static_cast<int>(parameters_.size()) - 1; s >= 0; --s) {
     if (!parameters_[s]) continue;
     GradientReduction::StageBuckets stage{s, {}};
-    // Grouped by dtype and device (one flat tensor each), in reverse order as DDP does, cut
-    // at kBucketBytes.
+    // Grouped by dtype and device (one flat tensor each), in reverse order as DDP does (the
+    // order the backward makes them), a bucket closed once it holds kBucketBytes.
     std::map<std::pair<int, std::string>, std::vector<at::Tensor>> groups;
     std::set<const c10::TensorImpl*> seen;
     for (auto it = params[s].rbegin(); it != params[s].rend(); ++it) {
@@ -85,21 +91,23 @@ std::unique_ptr<GradientReduction> GradientReducer::begin() {
       GradientReduction::Bucket bucket;
       size_t bytes = 0;
       for (auto& p : members) {
-        const size_t size = static_cast<size_t>(p.numel()) * p.element_size();
-        if (!bucket.params.empty() && bytes + size > kBucketBytes) {
+        if (!bucket.params.empty() && bytes >= kBucketBytes) {
           stage.buckets.push_back(std::move(bucket));
           bucket = {};
           bytes = 0;
         }
         bucket.params.push_back(p);
-        bytes += size;
+        bytes += static_cast<size_t>(p.numel()) * p.element_size();
       }
       if (!bucket.params.empty()) stage.buckets.push_back(std::move(bucket));
     }
     for (size_t b = 0; b < stage.buckets.size(); ++b) {
       auto& bucket = stage.buckets[b];
       int64_t numel = static_cast<int64_t>(bucket.params.size());
-      for (const auto& p : bucket.params) numel += p.numel();
+      for (const auto& p : bucket.params) {
+        numel += p.numel();
+        if (users.at(p.unsafeGetTensorImpl()) > 1) bucket.early = false;
+      }
       at::Tensor& flat = flats_[{s, b}];
       const auto& first = bucket.params.front();
       if (!flat.defined() || flat.numel() != numel || flat.scalar_type() != first.scalar_type() ||
@@ -110,13 +118,39 @@ std::unique_ptr<GradientReduction> GradientReducer::begin() {
     }
     reduction->order_.push_back(std::move(stage));
   }
+  // The hooks, on the accumulators the step's graphs use (a forward already made keeps them).
+  for (size_t k = 0; k < reduction->order_.size(); ++k) {
+    auto& buckets = reduction->order_[k].buckets;
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      if (!buckets[b].early) continue;
+      for (const auto& p : buckets[b].params) {
+        auto accumulator = torch::autograd::impl::grad_accumulator(p);
+        if (!accumulator) continue;
+        GradientReduction* self = reduction.get();
+        const uintptr_t key =
+            accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+                [self, k, b](const torch::autograd::variable_list& outputs,
+                             const torch::autograd::variable_list&) {
+                  self->accumulated(k, b);
+                  return outputs;
+                }));
+        reduction->hooks_.emplace_back(std::move(accumulator), key);
+        buckets[b].waiting++;
+      }
+    }
+  }
   return reduction;
 }
 
 GradientReduction::GradientReduction(GradientReducer& reducer)
     : reducer_(reducer), step_lock_(reducer.step_mutex_) {}
 
-GradientReduction::~GradientReduction() = default;
+GradientReduction::~GradientReduction() { remove_hooks(); }
+
+void GradientReduction::remove_hooks() {
+  for (auto& [accumulator, key] : hooks_) accumulator->del_post_hook(key);
+  hooks_.clear();
+}
 
 void GradientReduction::arm(Step& step, const Schedule& schedule) {
   const Phase last = step.split_backward ? Phase::kWeight : Phase::kBackward;
@@ -127,6 +161,26 @@ void GradientReduction::arm(Step& step, const Schedule& schedule) {
     }
   }
   step.gradients_ready = [this](int stage) { stage_ready(stage); };
+  std::lock_guard<std::mutex> lock(mutex_);
+  step_ = &step;
+}
+
+void GradientReduction::accumulated(size_t k, size_t b) {
+  Step* step;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    step = step_;
+  }
+  if (!step) return;
+  {
+    // Only the stage's last gradient task makes final gradients; its tasks never overlap,
+    // so while it runs its count is one.
+    std::lock_guard<std::mutex> lock(step->mutex);
+    if (step->gradient_tasks_left[order_[k].stage] != 1) return;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  Bucket& bucket = order_[k].buckets[b];
+  if (--bucket.waiting == 0) issue_ready_locked();
 }
 
 void GradientReduction::stage_ready(int stage) {
@@ -140,50 +194,58 @@ void GradientReduction::stage_ready(int stage) {
 void GradientReduction::issue_ready_locked() {
   for (auto& s : order_) {
     if (s.issued) continue;
+    for (auto& bucket : s.buckets) {
+      if (bucket.issued) continue;
+      if (!s.ready && (!bucket.early || bucket.waiting > 0)) return;
+      issue(s, bucket, false);
+    }
     if (!s.ready) return;
-    issue(s, false);
+    s.issued = true;
   }
 }
 
-void GradientReduction::issue(StageBuckets& stage, bool zeros) {
+void GradientReduction::issue(StageBuckets& stage, Bucket& bucket, bool zeros) {
   at::NoGradGuard no_grad;
   StreamsGuard on_stage({reducer_.streams_[stage.stage]});
-  stage.issued = true;
-  stage.issued_us = reducer_.clock_();
-  for (auto& bucket : stage.buckets) {
-    at::Tensor& flat = bucket.flat;
-    if (zeros) {
-      flat.zero_();
-    } else {
-      const int64_t count = static_cast<int64_t>(bucket.params.size());
-      std::vector<float> present(static_cast<size_t>(count), 0.0f);
-      int64_t offset = 0;
-      for (int64_t k = 0; k < count; ++k) {
-        const at::Tensor& p = bucket.params[k];
-        at::Tensor slice = flat.narrow(0, offset, p.numel());
-        const at::Tensor& g = p.grad();
-        if (g.defined()) {
-          TORCH_CHECK(g.layout() == at::kStrided, "shardpipe: data_parallel_group: sparse ",
-                      "gradients are not supported (stage ", stage.stage, ")");
-          slice.view(g.sizes()).copy_(g);
-          present[k] = 1.0f;
-        } else {
-          slice.zero_();
-        }
-        offset += p.numel();
+  bucket.issued = true;
+  if (stage.issued_us < 0) stage.issued_us = reducer_.clock_();
+  at::Tensor& flat = bucket.flat;
+  if (zeros) {
+    flat.zero_();
+  } else {
+    const int64_t count = static_cast<int64_t>(bucket.params.size());
+    std::vector<float> present(static_cast<size_t>(count), 0.0f);
+    int64_t offset = 0;
+    for (int64_t k = 0; k < count; ++k) {
+      const at::Tensor& p = bucket.params[k];
+      at::Tensor slice = flat.narrow(0, offset, p.numel());
+      const at::Tensor& g = p.grad();
+      if (g.defined()) {
+        TORCH_CHECK(g.layout() == at::kStrided, "shardpipe: data_parallel_group: sparse ",
+                    "gradients are not supported (stage ", stage.stage, ")");
+        slice.view(g.sizes()).copy_(g);
+        present[k] = 1.0f;
+      } else {
+        slice.zero_();
       }
-      flat.narrow(0, offset, count).copy_(at::tensor(present).to(flat.options()));
+      offset += p.numel();
     }
-    std::vector<at::Tensor> tensors{flat};
-    bucket.work = reducer_.group_->allreduce(tensors);
+    flat.narrow(0, offset, count).copy_(at::tensor(present).to(flat.options()));
   }
+  std::vector<at::Tensor> tensors{flat};
+  bucket.work = reducer_.group_->allreduce(tensors);
 }
 
 void GradientReduction::finish(std::exception_ptr failure) {
+  remove_hooks();
   try {
     std::lock_guard<std::mutex> lock(mutex_);
+    step_ = nullptr;
     for (auto& s : order_) {
-      if (!s.issued) issue(s, failure != nullptr);
+      for (auto& bucket : s.buckets) {
+        if (!bucket.issued) issue(s, bucket, failure != nullptr);
+      }
+      s.issued = true;
     }
   } catch (...) {
     reducer_.broken_reason_ = "could not start a gradient reduction";

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <c10/core/Stream.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <atomic>
@@ -33,6 +34,9 @@ struct ReductionTimes {
 // One step's reduction. Made by `GradientReducer::begin` on the caller's thread before the
 // phase; `arm` hooks it to the step, whose workers call `stage_ready` as each stage's last
 // gradient task ends; `finish` (same caller thread, after the phase) waits and writes back.
+// A bucket may go out earlier: during a stage's last gradient task, a hook on each of its
+// parameters' gradient accumulators (as DDP's) marks the parameter done, and a bucket whose
+// parameters are all done goes out while the task computes the rest.
 class GradientReduction {
  public:
   ~GradientReduction();
@@ -42,7 +46,7 @@ class GradientReduction {
   // Counts each local stage's gradient tasks in `schedule` (W when it splits the backward,
   // else B) and has the step's workers report when a stage has run its last one.
   void arm(Step& step, const Schedule& schedule);
-  // A stage's gradients are final: its buckets go out as soon as every stage before it in
+  // A stage's gradients are final: its buckets go out as soon as every bucket before them in
   // the reduction order (last stage first, alike on every data-parallel rank) has gone.
   void stage_ready(int stage);
   // Issues what has not gone yet (zeros when `failure`), exchanges every data-parallel rank's
@@ -56,22 +60,34 @@ class GradientReduction {
     std::vector<at::Tensor> params;
     at::Tensor flat;  // the gradients, then one presence flag per parameter
     c10::intrusive_ptr<c10d::Work> work;
+    // Parameters whose accumulator has not yet fired in the stage's last gradient task; the
+    // bucket waits for the stage's end instead when one of them is used by another stage.
+    int waiting = 0;
+    bool early = true;
+    bool issued = false;
   };
   struct StageBuckets {
     int stage;
     std::vector<Bucket> buckets;
     bool ready = false;
-    bool issued = false;
-    double issued_us = 0;
+    bool issued = false;    // every bucket
+    double issued_us = -1;  // the first bucket's start
   };
+  using NodeRef = decltype(torch::autograd::impl::grad_accumulator(std::declval<at::Tensor>()));
+
   explicit GradientReduction(GradientReducer& reducer);
-  void issue(StageBuckets& stage, bool zeros);
+  // A hooked parameter of bucket `b` of `order_[k]` got its gradient.
+  void accumulated(size_t k, size_t b);
+  void issue(StageBuckets& stage, Bucket& bucket, bool zeros);
   void issue_ready_locked();
+  void remove_hooks();
 
   GradientReducer& reducer_;
   std::unique_lock<std::mutex> step_lock_;  // one step reduces at a time
   std::mutex mutex_;
   std::vector<StageBuckets> order_;  // the reduction order
+  Step* step_ = nullptr;             // once armed
+  std::vector<std::pair<NodeRef, uintptr_t>> hooks_;
 };
 
 // Averages a pipeline's parameter gradients over a data-parallel process group: each of this
@@ -107,7 +123,9 @@ class GradientReducer {
   void set_recording(bool on);
   std::vector<ReductionTimes> take_times();
 
-  static constexpr size_t kBucketBytes = 25u << 20;
+  // Smaller than DDP's 25 MiB: the last layers' bucket should go out while the stage's last
+  // backward still computes the first layers'.
+  static constexpr size_t kBucketBytes = 4u << 20;
 
  private:
   friend class GradientReduction;
