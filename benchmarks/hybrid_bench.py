@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "python"))
 import shardpipe  # noqa: E402
 
 WORLD = 4
-BUCKET_BYTES = 25 << 20  # the engine's bucket size (GradientReducer::kBucketBytes)
+BUCKET_BYTES = 4 << 20  # the engine's bucket size (GradientReducer::kBucketBytes)
 SCHEDULES = ("1f1b", "interleaved")
 
 
@@ -87,7 +87,7 @@ def bucket_sizes(params):
     """The element counts of the engine's buckets for ``params`` (one stage, one dtype)."""
     sizes, current = [], 0
     for p in reversed(list(params)):
-        if current and (current + p.numel()) * 4 > BUCKET_BYTES:
+        if current and current * 4 >= BUCKET_BYTES:
             sizes.append(current)
             current = 0
         current += p.numel() + 1  # and its presence flag
