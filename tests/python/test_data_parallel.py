@@ -245,6 +245,24 @@ def check_reduction_overlaps_the_drain(rank, world):
     assert 0.0 <= trace.bubble_fraction() < 1.0
 
 
+def check_a_bucket_goes_out_during_its_stages_last_backward(rank, world):
+    import shardpipe
+
+    # Two 4 MiB layers per stage: two buckets each, the later layer's final first.
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)])
+    pipe = shardpipe.Pipeline(model, ["cpu", "cpu"], chunks=2,
+                              data_parallel_group=dist.group.WORLD, timeout=PIPE_TIMEOUT_S)
+    x, y = same(128, 1024, seed=rank), same(128, 1024, seed=9)
+    pipe.train_step(x, y, mse)
+    with pipe.record_trace() as trace:
+        pipe.train_step(x, y, mse)
+    first_stage = [e for e in trace.events if e["stage"] == 0 and e["phase"] == "backward"]
+    last = max(first_stage, key=lambda e: e["end_us"])
+    reduce = next(e for e in trace.events if e["phase"] == "reduce" and e["stage"] == 0)
+    assert last["start_us"] <= reduce["start_us"] < last["end_us"], (last, reduce)
+
+
 class Boom(nn.Module):
     def __init__(self, on):
         super().__init__()
