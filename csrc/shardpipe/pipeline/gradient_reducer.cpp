@@ -49,10 +49,17 @@ void GradientReducer::wait(c10d::Work& work, const std::string& what) {
   } catch (const std::exception& e) {
     broken_reason_ = what;
     broken_ = true;
+    // A collective cannot say which peer is missing: name them all.
+    std::string peers;
+    for (int r = 0; r < ranks_; ++r) {
+      if (r == rank_) continue;
+      peers += (peers.empty() ? "" : ", ") + std::to_string(r);
+    }
     TORCH_CHECK(false, "shardpipe: data-parallel rank ", rank_, " ", what, " within ",
                 static_cast<double>(timeout_.count()) / 1000.0,
-                " s (a data-parallel peer died, hangs, or did not run the same step: every "
-                "rank must call train_step/backward alike, and no_sync alike): ",
+                " s: ", ranks_ == 2 ? "data-parallel rank " : "one of data-parallel ranks ", peers,
+                " died, hangs, or did not run the same step (every rank must call "
+                "train_step/backward alike, and no_sync alike): ",
                 e.what());
   }
 }
