@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import _C
+from . import _C, _ranks
 from ._blocks import _blocks
 from ._checks import as_device, as_device_list, check_bool, check_instance, check_int, check_number
 from .balance import _check_sample, _detach, _fresh, _saved_by_backward, _synchronize
@@ -112,9 +112,9 @@ class Plan:
         return "\n".join(lines)
 
 
-def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks=None,
-             schedules=None, checkpoints=None, measure=3, steps=2, repeats=3, nested=False,
-             progress=True, profile=None, target_devices=None, device_flops=None,
+def autotune(model, sample, target, loss_fn, devices=None, max_memory=None, *, group=None,
+             chunks=None, schedules=None, checkpoints=None, measure=3, steps=2, repeats=3,
+             nested=False, progress=True, profile=None, target_devices=None, device_flops=None,
              link_bandwidth=None, link_latency=10e-6):
     """Choose ``balance``, ``chunks``, ``schedule`` and ``checkpoint`` for a training step.
 
@@ -138,18 +138,27 @@ def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks
        deterministic given the measurements.
 
     Memory counts parameters, gradients, buffers and the activations the schedule holds;
-    not optimizer state, nor what a forward makes and frees on its way. Not yet: ``group=``
-    (a pipeline over processes).
+    not optimizer state, nor what a forward makes and frees on its way.
+
+    With ``group`` (a collective: every rank of the group calls it alike) the plan is for
+    ``Pipeline(model, group=group, **plan.kwargs)``: each rank profiles its share of the
+    blocks (running the ones before it only to get their input) and the ranks pool the
+    profiles; the engine's per-task cost and the hand-off between ranks (gloo point-to-point)
+    are measured over the group, and each candidate run for real is a pipeline over the group,
+    timed by its slowest rank. Every rank computes the same table and returns the same plan.
+    The table's devices are then ``cpu:r`` for rank r.
 
     Args:
         model: an ``nn.Sequential``, or a model :func:`shardpipe.sequentialize` accepts.
         sample: one mini-batch (a Tensor, or a tuple of them), as ``train_step`` gets it.
         target: the matching target for ``loss_fn(output, target)``.
         loss_fn: the loss, mean-reduced as ``train_step``'s default expects.
-        devices: the pipeline's devices (``"cpu"`` may repeat).
+        devices: the pipeline's devices (``"cpu"`` may repeat); not with ``group``.
         max_memory: None, bytes for every device, or ``{device: bytes}`` (devices not
-            named have no limit). Below what every candidate needs: ``ValueError`` saying
-            the smallest that fits.
+            named have no limit; with ``group`` bytes per rank only). Below what every
+            candidate needs: ``ValueError`` saying the smallest that fits.
+        group: a ``torch.distributed`` ProcessGroup: plan a pipeline over its ranks (CPU
+            stages, gloo) instead of over ``devices``.
         chunks: micro-batch counts to try (default 1, 2, 4, ... up to the batch, at most 64).
         schedules: schedule names to try (default all of them).
         checkpoints: checkpoint modes to try (default all of them).
@@ -177,6 +186,13 @@ def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks
         ...                           steps=1, progress=False)
         >>> plan.kwargs["schedule"] in ("gpipe", "1f1b")
         True
+
+    Over the ranks of a group (every rank calls it; under ``torchrun``)::
+
+        >>> plan = shardpipe.autotune(model, x, y, nn.functional.mse_loss,
+        ...                           group=dist.group.WORLD)               # doctest: +SKIP
+        >>> pipe = shardpipe.Pipeline(model, group=dist.group.WORLD,
+        ...                           **plan.kwargs)                        # doctest: +SKIP
     """
     started = time.perf_counter()
     check_instance(model, "model", nn.Module, "a torch.nn.Module")
@@ -185,7 +201,19 @@ def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    devices = as_device_list(devices, "devices")
+    if group is not None:
+        if devices is not None:
+            raise ValueError("devices: with group= each rank's stage runs on that rank's CPU; "
+                             "give devices or group, not both")
+        group = _ranks.check_group(group)
+        if isinstance(max_memory, dict):
+            raise TypeError("max_memory: with group= give bytes per rank (a number), not a dict")
+        # One pseudo-device per rank: the cost model charges a hand-off between ranks.
+        devices = [torch.device("cpu", r) for r in range(group.size())]
+    elif devices is None:
+        raise TypeError("autotune needs devices=[...] (or group= for a pipeline over ranks)")
+    else:
+        devices = as_device_list(devices, "devices")
     batch = _batch_rows(sample)
     chunks = _check_list(chunks, "chunks", [2**k for k in range(7) if 2**k <= batch],
                          lambda c, name: check_int(c, name, 1, batch))
@@ -200,14 +228,21 @@ def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks
     projecting = _check_projection(target_devices, device_flops, link_bandwidth, link_latency)
 
     module = model if isinstance(model, nn.Sequential) else sequentialize(model)
-    layers = [block for _, block in _blocks(module, nested)]
+    named = _blocks(module, nested)
+    layers = [block for _, block in named]
+    if group is not None:
+        _ranks.check_ranks_agree(group, named, dict(
+            batch=batch, chunks=chunks, schedules=schedules, checkpoints=checkpoints,
+            measure=measure, steps=steps, repeats=repeats, nested=nested,
+            max_memory=max_memory, profile_given=profile is not None))
+        progress = progress and group.rank() == 0
     # Two profiled sizes per block, then a warm-up and the timed steps per measured candidate.
     bar = _progress_bar(2 * len(layers) + measure * (steps + 1), progress)
     try:
         profile_start = time.perf_counter()
         if profile is None:
             profile = _profile(layers, sample, target, loss_fn, devices,
-                               math.ceil(batch / max(chunks)), repeats, bar)
+                               math.ceil(batch / max(chunks)), repeats, bar, group)
         elif not isinstance(profile, dict) or len(profile.get("blocks", ())) != len(layers):
             raise ValueError(f"profile must be plan.profile of a model with {len(layers)} "
                              "blocks")
@@ -217,7 +252,7 @@ def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks
 
         bar.set_description("autotune: predict")
         overhead = profile["task_overhead"]
-        bandwidth, latency = _link(devices)
+        bandwidth, latency = _link(devices) if group is None else _rank_link(group)
         table = []
         for schedule in schedules:
             stages = len(devices) * (2 if schedule in _TWO_STAGES_PER_DEVICE else 1)
@@ -255,7 +290,7 @@ def autotune(model, sample, target, loss_fn, devices, max_memory=None, *, chunks
         measure_start = time.perf_counter()
         for row in fitting[:measure]:
             row["measured_s"], row["measured_bytes"] = _measure(
-                module, devices, sample, target, loss_fn, row, nested, steps, bar)
+                module, devices, sample, target, loss_fn, row, nested, steps, bar, group)
         measure_s = time.perf_counter() - measure_start
     finally:
         bar.close()
@@ -388,25 +423,42 @@ def _nbytes(value):
     return float(sum(t.numel() * t.element_size() for t in _tensors(value)))
 
 
-def _profile(layers, sample, target, loss_fn, devices, small_rows, repeats, bar):
+def _profile(layers, sample, target, loss_fn, devices, small_rows, repeats, bar, group=None):
     """Per block, the measurements (with its FLOPs, for projections) at the full batch and at
-    ``small_rows`` rows, the times to balance by, and the engine's per-task cost."""
-    device = devices[0]
+    ``small_rows`` rows, the times to balance by, and the engine's per-task cost. With
+    ``group`` each rank measures its share of the blocks and every rank gets all of them."""
+    device = torch.device("cpu") if group is not None else devices[0]
     batch = _batch_rows(sample)
     sizes = [batch] if small_rows >= batch else [small_rows, batch]
-    # CPU stages run at once and share the intra-op threads: profile with one stage's share.
-    # (With all of them, a block waits for threads that other processes hold; it measures
-    # scheduler stalls of several milliseconds instead of its own work.)
+    owned = range(len(layers))
+    if group is not None:
+        r, n = group.rank(), group.size()
+        owned = range(r * len(layers) // n, (r + 1) * len(layers) // n)
+    # CPU stages of one process run at once and share the intra-op threads: profile with one
+    # stage's share. (With all of them, a block waits for threads that other processes hold;
+    # it measures scheduler stalls of several milliseconds instead of its own work.) Over
+    # ranks each stage is a process with threads of its own.
     threads = torch.get_num_threads()
-    cpu_stages = sum(d.type == "cpu" for d in devices)
+    cpu_stages = sum(d.type == "cpu" for d in devices) if group is None else 1
     if cpu_stages > 1:
         torch.set_num_threads(max(1, threads // cpu_stages))
     try:
         per_size = {rows: _profile_rows(layers, sample, target, loss_fn, device, rows, repeats,
-                                        lambda: bar.update(2 // len(sizes)))
+                                        lambda: bar.update(2 // len(sizes)), owned)
                     for rows in sizes}
     finally:
         torch.set_num_threads(threads)
+    if group is not None:
+        import torch.distributed as dist
+
+        everyone = [None] * group.size()
+        dist.all_gather_object(everyone, per_size, group=group)
+        profiled_by = [next(r for r, part in enumerate(everyone) if part[sizes[0]][k])
+                       for k in range(len(layers))]
+        per_size = {rows: [everyone[profiled_by[k]][rows][k] for k in range(len(layers))]
+                    for rows in sizes}
+    else:
+        profiled_by = [0] * len(layers)
     blocks = []
     for k, layer in enumerate(layers):
         state = sum(p.numel() * p.element_size() for p in layer.parameters())
@@ -416,8 +468,10 @@ def _profile(layers, sample, target, loss_fn, devices, small_rows, repeats, bar)
     # Balanced by each block's time on the full batch: all of its work, fixed parts diluted.
     seconds = [b["large"]["forward"] + b["large"]["backward"] + b["large"]["weight"]
                for b in blocks]
-    overhead = _task_overhead(max(2, len(devices)))
-    return dict(blocks=blocks, block_seconds=seconds, task_overhead=overhead, device=str(device))
+    overhead = _task_overhead(max(2, len(devices))) if group is None else \
+        _task_overhead_over(group)
+    return dict(blocks=blocks, block_seconds=seconds, task_overhead=overhead, device=str(device),
+                profiled_by=profiled_by)
 
 
 class _Scale(nn.Module):
@@ -451,9 +505,65 @@ def _task_overhead(stages, chunks=8):
     return best / (2 * (chunks + stages - 1))
 
 
-def _profile_rows(layers, sample, target, loss_fn, device, rows, repeats, done):
-    """One sample dict per block (BlockSample's fields, cost_model.h) at ``rows`` rows;
-    ``done()`` after each block."""
+def _task_overhead_over(group, chunks=8):
+    """``_task_overhead`` for a pipeline over the ranks of ``group``: what a task costs with
+    its hand-off between ranks, the same on every rank (the slowest's)."""
+    import torch.distributed as dist
+
+    stages = group.size()
+    pipe = Pipeline(nn.Sequential(*[_Scale() for _ in range(stages)]), group=group,
+                    chunks=chunks, schedule="1f1b")
+    try:
+        x, y = torch.zeros(chunks, 1), torch.zeros(chunks, 1)
+        for _ in range(2):
+            pipe.train_step(x, y, nn.functional.mse_loss)
+        best = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            pipe.train_step(x, y, nn.functional.mse_loss)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        pipe.close()
+    slowest = torch.tensor([best], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+    return slowest.item() / (2 * (chunks + stages - 1))
+
+
+def _rank_link(group):
+    """(bytes/s, s per message) of a gloo send between the group's first two ranks (half a
+    ping-pong), the same on every rank."""
+    import torch.distributed as dist
+
+    result = torch.zeros(2, dtype=torch.float64)
+    rank = group.rank()
+    if group.size() >= 2 and rank < 2:
+        peer = dist.get_global_rank(group, 1 - rank)
+
+        def one_way(t):
+            best = math.inf
+            for _ in range(4):
+                start = time.perf_counter()
+                if rank == 0:
+                    dist.send(t, peer, group=group)
+                    dist.recv(t, peer, group=group)
+                else:
+                    dist.recv(t, peer, group=group)
+                    dist.send(t, peer, group=group)
+                best = min(best, (time.perf_counter() - start) / 2)
+            return best
+
+        latency = one_way(torch.zeros(1, dtype=torch.uint8))
+        big = torch.zeros(4 * 2**20, dtype=torch.uint8)
+        result = torch.tensor([big.numel() / max(one_way(big) - latency, 1e-9), latency],
+                              dtype=torch.float64)
+    dist.broadcast(result, dist.get_global_rank(group, 0), group=group)
+    return result[0].item(), result[1].item()
+
+
+def _profile_rows(layers, sample, target, loss_fn, device, rows, repeats, done, owned):
+    """One sample dict per block (BlockSample's fields, cost_model.h) at ``rows`` rows, None
+    for the blocks not in ``owned`` (only run, for the next block's input); ``done()`` after
+    each block measured."""
     devices = [device] if device.type == "cuda" else []
     out = []
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
@@ -464,6 +574,12 @@ def _profile_rows(layers, sample, target, loss_fn, device, rows, repeats, done):
         for k, layer in enumerate(layers):
             layer = _Stage(copy.deepcopy(layer)).to(device).train()
             x = _detach(x, requires_grad=k > 0)
+            if k not in owned:
+                if k < owned.stop:
+                    with torch.no_grad():
+                        x = layer(_fresh(x))
+                out.append(None)
+                continue
             last = k == len(layers) - 1
             times, made = _time_block(layer, x, y if last else None, loss_fn, device, repeats)
             forward, backward, weight, saved, flops = times
@@ -554,8 +670,11 @@ def _link(devices):
     return big.numel() / max(seconds(big) - latency, 1e-9), latency
 
 
-def _measure(module, devices, sample, target, loss_fn, row, nested, steps, bar):
-    """(fastest of ``steps`` timed train_steps in s, peak bytes per CUDA device or None)."""
+def _measure(module, devices, sample, target, loss_fn, row, nested, steps, bar, group=None):
+    """(fastest of ``steps`` timed train_steps in s, peak bytes per CUDA device or None);
+    with ``group`` a pipeline over its ranks, each step timed by the slowest rank."""
+    if group is not None:
+        return _measure_over(module, sample, target, loss_fn, row, nested, steps, bar, group)
     cuda = [d for d in dict.fromkeys(devices) if d.type == "cuda"]
     with torch.random.fork_rng(devices=cuda):
         pipe = Pipeline(copy.deepcopy(module), devices, balance=row["balance"],
@@ -587,6 +706,32 @@ def _measure(module, devices, sample, target, loss_fn, row, nested, steps, bar):
         finally:
             pipe.close()
     return best, memory
+
+
+def _measure_over(module, sample, target, loss_fn, row, nested, steps, bar, group):
+    import torch.distributed as dist
+
+    with torch.random.fork_rng(devices=[]):
+        pipe = Pipeline(copy.deepcopy(module), group=group, balance=row["balance"],
+                        chunks=row["chunks"], schedule=row["schedule"],
+                        checkpoint=row["checkpoint"], nested=nested)
+        try:
+            pipe._engine.threads = "workers"  # as in _measure
+            pipe.train_step(sample, target, loss_fn)
+            bar.update(1)
+            seconds = []
+            for _ in range(steps):
+                pipe.zero_grad(set_to_none=True)
+                dist.barrier(group=group)
+                start = time.perf_counter()
+                pipe.train_step(sample, target, loss_fn)
+                seconds.append(time.perf_counter() - start)
+                bar.update(1)
+        finally:
+            pipe.close()
+    slowest = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+    return slowest.min().item(), None
 
 
 def _project(profile, batch, chunks, schedules, checkpoints, limits, target_devices,
