@@ -8,6 +8,9 @@
   thread count after warm-up against the end;
 - fuzz: the hypothesis suite (tests/stress/test_fuzz.py) in a child process: cases tried,
   failing (a wrong result or a wrong error), crashed (the process died), hung (timeout);
+- faults, many processes: the multi-process fault tests in tests/python (a raising rank at
+  each kind of position, a killed rank, ranks that disagree; pipeline over ranks, data
+  parallel, tensor parallel over a group) in a child pytest each: passed, failed, hung;
 - sanitizers: the GoogleTest suite's last run in build/cmake-address and build/cmake-thread
   (built by ``SHARDPIPE_SANITIZE=address bash scripts/test.sh``), findings counted.
 
@@ -169,6 +172,40 @@ def fuzz_row(timeout_s, long):
             "crashed": crashed, "hung": 0}
 
 
+# The multi-process fault tests (gloo on loopback, ranks spawned by the tests), by kind: the
+# pytest -k expression that selects them in each file.
+MULTIPROCESS_FAULTS = {
+    "pipeline over ranks": ("test_pipeline_dist.py",
+                            "raise or killed or torchrun_exit or disagree or refused"),
+    "data parallel": ("test_data_parallel.py", "raise or killed or refused or disagree"),
+    "tensor parallel": ("test_sharded_linear_dist.py", "disagreeing"),
+}
+
+
+def multiprocess_fault_rows(timeout_s):
+    """Per kind: (tests run, passed, failed, hung) of the multi-process fault tests, each
+    file in a child pytest bounded by ``timeout_s``."""
+    rows = []
+    for kind, (name, expression) in MULTIPROCESS_FAULTS.items():
+        command = [sys.executable, "-m", "pytest", str(REPO / "tests" / "python" / name), "-q",
+                   "-p", "no:cacheprovider", "-k", expression]
+        try:
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rows.append((kind, "?", "?", "?", 1))
+            continue
+        out = done.stdout + done.stderr
+
+        def count(word, out=out):
+            found = re.search(rf"(\d+) {word}", out)
+            return int(found.group(1)) if found else 0
+
+        passed, failed = count("passed"), count("failed") + count("error")
+        rows.append((kind, passed + failed, passed, failed, 0))
+    return rows
+
+
 def sanitizer_rows():
     rows = []
     for name, marker in (("address", r"ERROR: AddressSanitizer|ERROR: LeakSanitizer"),
@@ -224,7 +261,11 @@ def main():
     print(f"{'sanitizer':<11}{'tests':<24}{'findings':>9}  when")
     for name, tests, findings, when in sanitizer_rows():
         print(f"{name:<11}{tests:<24}{findings:>9}  {when}")
-    print("\nmulti-process faults: not measured here yet (the pipeline over ranks is not built)")
+    print("\nfaults, many processes  (gloo on loopback: a raising rank at each kind of position, "
+          "a killed rank, ranks that disagree; tests/python)")
+    print(f"{'kind':<22}{'tests':>7}{'passed':>8}{'failed':>8}{'hung':>6}")
+    for kind, tests, passed, failed, hung in multiprocess_fault_rows(900):
+        print(f"{kind:<22}{tests:>7}{passed:>8}{failed:>8}{hung:>6}")
 
 
 if __name__ == "__main__":
