@@ -23,7 +23,6 @@ interleaved rounds, of the slowest rank. Nothing here asserts on time.
 import argparse
 import datetime
 import pathlib
-import socket
 import statistics
 import sys
 import time
@@ -35,6 +34,8 @@ from torch import nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
+
+from multiproc_bench import free_port, slowest  # noqa: E402 (this folder, as a script's)
 
 import shardpipe  # noqa: E402
 
@@ -60,12 +61,6 @@ def mlp(args):
     for _ in range(args.blocks):
         layers += [nn.Linear(args.width, args.width), nn.ReLU()]
     return nn.Sequential(*layers)
-
-
-def slowest(seconds):
-    t = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 def timed(fn, steps):
@@ -162,12 +157,6 @@ def rank_main(rank, port, args, queue):
         pipe.close()
     dist.barrier()
     dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():

@@ -469,7 +469,7 @@ def _profile(layers, sample, target, loss_fn, devices, small_rows, repeats, bar,
     seconds = [b["large"]["forward"] + b["large"]["backward"] + b["large"]["weight"]
                for b in blocks]
     overhead = _task_overhead(max(2, len(devices))) if group is None else \
-        _task_overhead_over(group)
+        _task_overhead(group.size(), group=group)
     return dict(blocks=blocks, block_seconds=seconds, task_overhead=overhead, device=str(device),
                 profiled_by=profiled_by)
 
@@ -483,14 +483,19 @@ class _Scale(nn.Module):
         return x * self.weight
 
 
-def _task_overhead(stages, chunks=8):
+def _task_overhead(stages, chunks=8, group=None):
     """Seconds the engine adds to a task: a train_step of CPU stages that do next to nothing,
     over its task count. ``_C._engine_overhead`` gives the C++ engine's own share; a Python
-    stage adds the GIL and the call, several times as much, so a Python one is timed."""
-    pipe = Pipeline(nn.Sequential(*[_Scale() for _ in range(stages)]), ["cpu"] * stages,
-                    chunks=chunks, schedule="1f1b")
-    try:
+    stage adds the GIL and the call, several times as much, so a Python one is timed. With
+    ``group`` the stages are its ranks (a task then includes its hand-off between ranks) and
+    every rank gets the slowest's figure."""
+    model = nn.Sequential(*[_Scale() for _ in range(stages)])
+    if group is None:
+        pipe = Pipeline(model, ["cpu"] * stages, chunks=chunks, schedule="1f1b")
         pipe._engine.threads = "workers"  # as the candidates are measured (see _measure)
+    else:
+        pipe = Pipeline(model, group=group, chunks=chunks, schedule="1f1b")
+    try:
         x, y = torch.zeros(chunks, 1), torch.zeros(chunks, 1)
         for _ in range(2):
             pipe.train_step(x, y, nn.functional.mse_loss)
@@ -501,32 +506,14 @@ def _task_overhead(stages, chunks=8):
             best = min(best, time.perf_counter() - start)
     finally:
         pipe.close()
+    if group is not None:
+        import torch.distributed as dist
+
+        slowest = torch.tensor([best], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        best = slowest.item()
     # On paper the step is (chunks + stages - 1) tasks of F + B long: that is what it costs.
     return best / (2 * (chunks + stages - 1))
-
-
-def _task_overhead_over(group, chunks=8):
-    """``_task_overhead`` for a pipeline over the ranks of ``group``: what a task costs with
-    its hand-off between ranks, the same on every rank (the slowest's)."""
-    import torch.distributed as dist
-
-    stages = group.size()
-    pipe = Pipeline(nn.Sequential(*[_Scale() for _ in range(stages)]), group=group,
-                    chunks=chunks, schedule="1f1b")
-    try:
-        x, y = torch.zeros(chunks, 1), torch.zeros(chunks, 1)
-        for _ in range(2):
-            pipe.train_step(x, y, nn.functional.mse_loss)
-        best = math.inf
-        for _ in range(5):
-            start = time.perf_counter()
-            pipe.train_step(x, y, nn.functional.mse_loss)
-            best = min(best, time.perf_counter() - start)
-    finally:
-        pipe.close()
-    slowest = torch.tensor([best], dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
-    return slowest.item() / (2 * (chunks + stages - 1))
 
 
 def _rank_link(group):

@@ -10,7 +10,9 @@ fails the test instead of stalling CI.
 import datetime
 import importlib
 import json
+import os
 import pathlib
+import signal
 import socket
 import sys
 import time
@@ -20,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COLLECTIVE_TIMEOUT_S = 60
@@ -119,3 +122,36 @@ def assert_passed(results, check):
         if res.get(check, "did not run") is not None
     ]
     assert not failures, "\n".join(failures)
+
+
+class KillRank1(nn.Module):
+    """A block that kills its own process on global rank 1 (SIGKILL: no cleanup, no message)."""
+
+    def forward(self, x):
+        if dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+
+def record_outcome(out_dir, rank, step):
+    """Runs ``step()`` and writes "returned", or "<seconds> s: <message>" for the RuntimeError
+    it raised, to ``out_dir/rank<rank>.txt``; then leaves the process at once (a process
+    group with a dead peer cannot be torn down)."""
+    start = time.monotonic()
+    try:
+        step()
+        outcome = "returned"
+    except RuntimeError as error:
+        outcome = f"{time.monotonic() - start:.1f} s: {error}"
+    pathlib.Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+    os._exit(0)
+
+
+def assert_survivor_raised(out_dir, codes, naming, within_s=15):
+    """Rank 1 was killed and rank 0 raised within ``within_s`` seconds, its error containing
+    ``naming``."""
+    assert codes[1] == -signal.SIGKILL, codes
+    outcome = pathlib.Path(out_dir, "rank0.txt").read_text()
+    seconds = float(outcome.split(" s:")[0]) if " s:" in outcome else None
+    assert seconds is not None and seconds < within_s, outcome
+    assert naming in outcome, outcome
