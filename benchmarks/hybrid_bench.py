@@ -35,7 +35,7 @@ from torch import nn
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
-from multiproc_bench import free_port, slowest  # noqa: E402 (this folder, as a script's)
+from multiproc_bench import free_port, mlp, slowest  # noqa: E402 (this folder, as a script's)
 
 import shardpipe  # noqa: E402
 
@@ -53,14 +53,6 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     return parser.parse_args()
-
-
-def mlp(args):
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(args.blocks):
-        layers += [nn.Linear(args.width, args.width), nn.ReLU()]
-    return nn.Sequential(*layers)
 
 
 def timed(fn, steps):
