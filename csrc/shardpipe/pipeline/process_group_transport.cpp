@@ -135,6 +135,18 @@ void ProcessGroupTransport::mark_broken(const std::string& reason) {
   broken_ = true;
 }
 
+c10::intrusive_ptr<c10d::Work> ProcessGroupTransport::start(
+    int peer, const std::function<c10::intrusive_ptr<c10d::Work>()>& post) {
+  try {
+    return post();
+  } catch (const std::exception& e) {
+    // gloo refuses to start an operation on a connection an earlier timeout closed.
+    mark_broken("lost its connection to rank " + std::to_string(peer));
+    TORCH_CHECK(false, "shardpipe: rank ", rank_, " lost its connection to rank ", peer, ": ",
+                e.what());
+  }
+}
+
 void ProcessGroupTransport::wait(c10d::Work& work, const std::string& what) {
   try {
     work.wait(timeout_);
@@ -153,16 +165,18 @@ std::vector<ProcessGroupTransport::Record> ProcessGroupTransport::exchange(const
   const int tag = static_cast<int>((1ull << 30) + rounds_++ % (1ull << 29));
   at::Tensor header = mine.encode(kOutcome);
   std::vector<at::Tensor> received(static_cast<size_t>(ranks_));
-  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  std::vector<std::pair<int, c10::intrusive_ptr<c10d::Work>>> works;
   for (int r = 0; r < ranks_; ++r) {
     if (r == rank_) continue;
     std::vector<at::Tensor> out{header};
-    works.push_back(group_->send(out, r, tag));
+    works.emplace_back(r, start(r, [&] { return group_->send(out, r, tag); }));
     received[r] = at::empty({kWords}, at::kLong);
     std::vector<at::Tensor> in{received[r]};
-    works.push_back(group_->recv(in, r, tag));
+    works.emplace_back(r, start(r, [&] { return group_->recv(in, r, tag); }));
   }
-  for (auto& work : works) wait(*work, "did not hear from every rank of the group");
+  for (auto& [peer, work] : works) {
+    wait(*work, "did not hear from rank " + std::to_string(peer));
+  }
   std::vector<Record> records;
   for (int r = 0; r < ranks_; ++r) {
     records.push_back(r == rank_ ? mine : Record::decode(received[r]));
@@ -233,7 +247,7 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         std::to_string(expected.micro_batch) + " from rank " + std::to_string(from);
     try {
       std::vector<at::Tensor> header{at::empty({kWords}, at::kLong)};
-      wait(*group_->recv(header, from, tag_of(sequence + k, 0)), what);
+      wait(*start(from, [&] { return group_->recv(header, from, tag_of(sequence + k, 0)); }), what);
       const int64_t* w = header[0].data_ptr<int64_t>();
       if (w[0] == kFailure) {
         Record record = Record::decode(header[0]);
@@ -265,7 +279,8 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         tensors[j] =
             at::empty(shape, at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype)));
         std::vector<at::Tensor> part{tensors[j]};
-        works.push_back(group_->recv(part, from, tag_of(sequence + k, 1 + j)));
+        works.push_back(
+            start(from, [&] { return group_->recv(part, from, tag_of(sequence + k, 1 + j)); }));
       }
       for (auto& work : works) wait(*work, what);
       std::lock_guard<std::mutex> lock(step.mutex);
@@ -332,12 +347,17 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
   channel.next++;
   std::vector<at::Tensor> head{header};
   std::lock_guard<std::mutex> lock(sends_mutex_);
-  sends_.push_back({group_->send(head, to, tag_of(sequence, 0)), {header}});
+  auto first = start(to, [&] { return group_->send(head, to, tag_of(sequence, 0)); });
+  sends_.push_back({first, {header}, to});
   int64_t part = 1;
   for (size_t j = 0; j < tensors.size(); ++j) {
     if (!tensors[j].defined()) continue;
     std::vector<at::Tensor> one{data[part - 1]};
-    sends_.push_back({group_->send(one, to, tag_of(sequence, static_cast<int64_t>(j) + 1)), one});
+    sends_.push_back(
+        {start(
+             to,
+             [&] { return group_->send(one, to, tag_of(sequence, static_cast<int64_t>(j) + 1)); }),
+         one, to});
     part++;
   }
   // Finished sends let go of their tensors now, not at the end of the phase.
@@ -352,7 +372,8 @@ void ProcessGroupTransport::send_record(int to, Outgoing& channel, const Record&
   at::Tensor header = record.encode(kFailure);
   std::vector<at::Tensor> head{header};
   std::lock_guard<std::mutex> lock(sends_mutex_);
-  sends_.push_back({group_->send(head, to, tag_of(sequence, 0)), {header}});
+  sends_.push_back(
+      {start(to, [&] { return group_->send(head, to, tag_of(sequence, 0)); }), {header}, to});
 }
 
 void ProcessGroupTransport::send_activations(Step& step, int stage, int i,
@@ -402,7 +423,12 @@ void ProcessGroupTransport::finish(Step& step) {
   if (failed) {
     const Record record = failure_of(step);
     for (auto& [to, channel] : outgoing_) {
-      while (channel.next < channel.messages.size()) send_record(to, channel, record);
+      try {
+        while (channel.next < channel.messages.size()) send_record(to, channel, record);
+      } catch (...) {
+        // That peer is out of reach (the transport is broken now): it cannot be told.
+        channel.next = channel.messages.size();
+      }
     }
   }
   {
@@ -416,7 +442,9 @@ void ProcessGroupTransport::finish(Step& step) {
   }
   for (auto& pending : sends) {
     try {
-      if (!broken_) wait(*pending.work, "could not deliver a message");
+      if (!broken_) {
+        wait(*pending.work, "could not deliver a message to rank " + std::to_string(pending.to));
+      }
     } catch (...) {
       step.fail(std::current_exception(), place() + "sending");
     }

@@ -93,6 +93,7 @@ class ProcessGroupTransport : public LocalTransport {
   struct Pending {
     c10::intrusive_ptr<c10d::Work> work;
     std::vector<at::Tensor> keep;  // alive until the send has finished
+    int to = -1;                   // the receiving rank, for the error
   };
 
   bool remote(int stage) const { return placement_.worker_of(stage) != rank_; }
@@ -103,6 +104,10 @@ class ProcessGroupTransport : public LocalTransport {
   Record failure_of(Step& step);
   // Every rank's record, in rank order (a collective of the group, bounded by the timeout).
   std::vector<Record> exchange(const Record& mine);
+  // Starts a send or receive with `peer`; a refusal (a connection an earlier timeout closed)
+  // raises naming the peer and breaks the transport.
+  c10::intrusive_ptr<c10d::Work> start(int peer,
+                                       const std::function<c10::intrusive_ptr<c10d::Work>()>& post);
   void wait(c10d::Work& work, const std::string& what);
   void check_usable() const;
   void mark_broken(const std::string& reason);
