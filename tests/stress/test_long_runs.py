@@ -2,7 +2,10 @@
 gradients still equal the baseline's."""
 
 import gc
+import json
 import os
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from torch import nn
 import shardpipe as sp
 
 STEPS = 20_000 if LONG else 2_000
+RANK_STEPS = 20_000 if LONG else 1_000  # over two ranks each step costs a few hand-offs more
 
 
 def rss_bytes():
@@ -93,3 +97,49 @@ def test_a_tensor_parallel_mlp_trains_long_with_flat_memory_and_threads():
     torch.testing.assert_close(col.state_dict()["weight"], reference[0].weight.detach())
     grads = torch.cat([p.grad for p in col.weight_shards])
     torch.testing.assert_close(grads, reference[0].weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def _two_ranks(rank, world, port, out_dir):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
+    import dist_harness
+    import torch.distributed as dist
+
+    dist_harness.init_loopback(rank, world, port)
+    net = small()
+    pipe = sp.Pipeline(net, group=dist.group.WORLD, chunks=4, schedule="1f1b", timeout=60)
+    optimizer = torch.optim.SGD(pipe.parameters(), lr=1e-3)
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+
+    def step():
+        optimizer.zero_grad()
+        pipe.train_step(x, y, nn.functional.mse_loss)
+        optimizer.step()
+
+    grown, new_threads = run_flat(step, RANK_STEPS)
+    # The last step's gradients equal the plain model's at the same parameters.
+    reference = small()
+    reference.load_state_dict(pipe.full_state_dict())
+    optimizer.zero_grad()
+    pipe.train_step(x, y, nn.functional.mse_loss)
+    nn.functional.mse_loss(reference(x), y).backward()
+    want = dict(reference.named_parameters())
+    worst = max((p.grad - want[n].grad).abs().max().item() for n, p in pipe.named_parameters())
+    pathlib.Path(out_dir, f"rank{rank}.json").write_text(
+        json.dumps(dict(grown=grown, threads=new_threads, worst=worst)))
+    pipe.close()
+    dist.destroy_process_group()
+
+
+def test_a_pipeline_over_two_ranks_trains_long_with_flat_memory_and_threads(tmp_path):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
+    import dist_harness
+
+    codes = dist_harness.spawn(_two_ranks, 2, (2, dist_harness.free_port(), str(tmp_path)),
+                               600 if not LONG else 7200)
+    assert codes == [0, 0], codes
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["threads"] == 0, (rank, result)
+        assert result["grown"] < 8 * 2**20, (rank, result)
+        assert result["worst"] < 1e-5, (rank, result)
