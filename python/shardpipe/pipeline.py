@@ -490,8 +490,7 @@ class Pipeline(nn.Module):
         self.__dict__["_deferred"] = [m for m in self.modules()
                                       if isinstance(m, DeferredBatchNorm)]
         self.__dict__["_stage_modules"] = [m for stage in self._stages for m in stage.modules()]
-        _in_pipeline.update(self._stages)
-        _in_pipeline.update(m for stage in self._stages for m in stage.modules())
+        _in_pipeline.update(self._stage_modules)
         engine = None
         if stages:
             over_ranks = {} if self._group is None else dict(

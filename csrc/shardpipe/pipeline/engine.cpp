@@ -54,6 +54,24 @@ Placement placement_of(size_t stages, EngineOptions& options) {
   return placement;
 }
 
+// Runs a phase that makes parameter gradients (`run(reduction)`), with their data-parallel
+// reduction when there is one and it is on. A phase that raises still finishes the reduction,
+// so every peer hears of it and none waits for this rank's gradients; finish rethrows.
+template <class Run>
+auto with_reduction(GradientReducer* reducer, Run&& run) {
+  auto reduction = reducer && reducer->enabled() ? reducer->begin() : nullptr;
+  if (!reduction) return run(nullptr);
+  decltype(run(nullptr)) result;
+  try {
+    result = run(reduction.get());
+  } catch (...) {
+    reduction->finish(std::current_exception());
+    throw;  // not reached: finish rethrows
+  }
+  reduction->finish(nullptr);
+  return result;
+}
+
 }  // namespace
 
 std::shared_ptr<Engine> Engine::create(std::vector<StageFn> stages, EngineOptions options,
@@ -246,17 +264,9 @@ Values Engine::forward(const Values& values, const std::vector<bool>& batched, b
 }
 
 std::vector<at::Tensor> Engine::backward(Step& step, const std::vector<at::Tensor>& grads) {
-  auto reduction = reducer_ && reducer_->enabled() ? reducer_->begin() : nullptr;
-  if (!reduction) return run_backward(step, grads, nullptr);
-  std::vector<at::Tensor> result;
-  try {
-    result = run_backward(step, grads, reduction.get());
-  } catch (...) {
-    reduction->finish(std::current_exception());
-    throw;  // finish rethrows; kept for the reader
-  }
-  reduction->finish(nullptr);
-  return result;
+  return with_reduction(reducer_.get(), [&](GradientReduction* reduction) {
+    return run_backward(step, grads, reduction);
+  });
 }
 
 std::vector<at::Tensor> Engine::run_backward(Step& step, const std::vector<at::Tensor>& grads,
@@ -305,22 +315,10 @@ std::vector<at::Tensor> Engine::run_backward(Step& step, const std::vector<at::T
 at::Tensor Engine::train_step(const Values& values, const std::vector<bool>& batched,
                               const Activations& targets, const LossFn& loss, bool sum_reduction,
                               bool training, std::exception_ptr refused) {
-  auto reduction = reducer_ && reducer_->enabled() ? reducer_->begin() : nullptr;
-  if (!reduction) {
+  return with_reduction(reducer_.get(), [&](GradientReduction* reduction) {
     return run_train_step(values, batched, targets, loss, sum_reduction, training, refused,
-                          nullptr);
-  }
-  at::Tensor result;
-  try {
-    result = run_train_step(values, batched, targets, loss, sum_reduction, training, refused,
-                            reduction.get());
-  } catch (...) {
-    // Every data-parallel peer is told, so none waits for this rank's gradients.
-    reduction->finish(std::current_exception());
-    throw;  // finish rethrows; kept for the reader
-  }
-  reduction->finish(nullptr);
-  return result;
+                          reduction);
+  });
 }
 
 at::Tensor Engine::run_train_step(const Values& values, const std::vector<bool>& batched,

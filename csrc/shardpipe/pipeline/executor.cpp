@@ -148,16 +148,6 @@ void Executor::set_tracing(bool on) {
   tracing_ = on;
 }
 
-bool Executor::tracing() {
-  std::lock_guard<std::mutex> lock(trace_mutex_);
-  return tracing_;
-}
-
-double Executor::now_us() const {
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - epoch_)
-      .count();
-}
-
 std::vector<TraceEvent> Executor::take_trace() {
   std::lock_guard<std::mutex> lock(trace_mutex_);
   return std::exchange(trace_, {});
@@ -280,12 +270,10 @@ void Executor::run_lists(Step& step, const std::vector<const std::vector<Task>*>
     }
     if (tracing_) {
       const auto end = std::chrono::steady_clock::now();
-      auto us = [this](auto t) {
-        return std::chrono::duration<double, std::micro>(t - epoch_).count();
-      };
       std::lock_guard<std::mutex> lock(trace_mutex_);
       trace_.push_back({task->stage, task->micro_batch, task->phase,
-                        placement_.worker_of(task->stage), us(start), us(end)});
+                        placement_.worker_of(task->stage), us_since_epoch(start),
+                        us_since_epoch(end)});
     }
     bool gradients_final = false;
     {

@@ -70,10 +70,9 @@ class Executor {
   Threads last_threads() const;
 
   void set_tracing(bool on);
-  bool tracing();
   std::vector<TraceEvent> take_trace();
   // Microseconds since the executor was made: the clock of the trace.
-  double now_us() const;
+  double now_us() const { return us_since_epoch(std::chrono::steady_clock::now()); }
 
   // Joins the workers; the executor must not be used afterwards.
   void stop();
@@ -95,6 +94,9 @@ class Executor {
     double workers_us = -1;
   };
   void run_lists(Step& step, const std::vector<const std::vector<Task>*>& lists);
+  double us_since_epoch(std::chrono::steady_clock::time_point t) const {
+    return std::chrono::duration<double, std::micro>(t - epoch_).count();
+  }
   bool use_caller_thread(const Timings& timings);
 
   const Placement& placement_;
