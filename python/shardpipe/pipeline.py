@@ -289,7 +289,8 @@ class Pipeline(nn.Module):
             naming the rank, stage and micro-batch.
         timeout: with ``group`` or ``data_parallel_group``, the seconds any rank waits for a
             peer before it raises naming the peer (a rank that died or never came); the
-            pipeline is then unusable.
+            pipeline is then unusable. Over ``group`` it bounds silence (nothing reaching or
+            leaving the rank), not the step: it must exceed the longest single task.
         data_parallel_group: a ``torch.distributed`` ProcessGroup of replicas of this
             pipeline (each fed its own share of the data, every one holding the same stages):
             after each :meth:`train_step`, or ``pipe(x)`` then ``backward()``, every

@@ -394,6 +394,40 @@ def check_a_raising_loss_makes_every_rank_raise(rank, world):
         pipe.train_step(same(4, 6), same(4, 6), loss)
 
 
+class Slow(nn.Module):
+    """The identity, taking ``seconds`` per call (a stage that computes for a while)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+def check_a_phase_longer_than_the_timeout_trains_while_messages_flow(rank, world):
+    # Under GPipe the first stage's rank posts its first gradient receive at the start of
+    # the phase and gets it only after every forward: about 9 x 0.15 s, longer than the
+    # timeout. The timeout bounds silence, not the phase, so this step must succeed.
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(world):
+        layers += [nn.Linear(6, 6), Slow(0.15)]
+    model = nn.Sequential(*layers)
+    baseline = copy.deepcopy(model)
+    pipe = pipeline(model, chunks=8, schedule="gpipe", timeout=1.0)
+    x, y = same(16, 6), same(16, 6, seed=2)
+    start = time.monotonic()
+    loss = pipe.train_step(x, y, mse)
+    assert time.monotonic() - start > 1.0  # the phase did outlast the timeout
+    expected = mse(baseline(x), y)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    expect_same_gradients(pipe, baseline)
+    pipe.close()
+
+
 CHECKS = [name for name in list(globals()) if name.startswith("check_")]
 
 

@@ -120,7 +120,49 @@ ProcessGroupTransport::ProcessGroupTransport(const Placement& placement,
   TORCH_CHECK_VALUE(timeout.count() > 0, "shardpipe: timeout must be positive");
 }
 
-ProcessGroupTransport::~ProcessGroupTransport() { receivers_.clear(); }
+ProcessGroupTransport::~ProcessGroupTransport() {
+  // Nothing more will be waited for: what is still pending ends now, not at its deadline.
+  {
+    std::lock_guard<std::mutex> lock(waiting_mutex_);
+    stopping_ = true;
+    for (auto& [id, waiting] : waiting_) {
+      waiting.aborted = true;
+      try {
+        waiting.work->abort();
+      } catch (...) {
+        // A backend that cannot abort: its wait ends at the group's own timeout.
+      }
+    }
+  }
+  watchdog_wake_.notify_all();
+  receivers_.clear();
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+void ProcessGroupTransport::note_progress() {
+  last_progress_ns_.store(std::chrono::steady_clock::now().time_since_epoch().count());
+}
+
+void ProcessGroupTransport::watch() {
+  using Clock = std::chrono::steady_clock;
+  std::unique_lock<std::mutex> lock(waiting_mutex_);
+  while (!stopping_) {
+    // Asleep while nothing is waited for (between steps); then a look every 50 ms.
+    watchdog_wake_.wait(lock, [&] { return stopping_ || !waiting_.empty(); });
+    watchdog_wake_.wait_for(lock, std::chrono::milliseconds(50));
+    const auto now = Clock::now();
+    const Clock::time_point progress{Clock::duration(last_progress_ns_.load())};
+    for (auto& [id, waiting] : waiting_) {
+      if (waiting.aborted || now - std::max(waiting.since, progress) < timeout_) continue;
+      waiting.aborted = true;
+      try {
+        waiting.work->abort();
+      } catch (...) {
+        // A backend that cannot abort: its wait ends at the group's own timeout.
+      }
+    }
+  }
+}
 
 void ProcessGroupTransport::check_usable() const {
   if (!broken_) return;
@@ -147,15 +189,42 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTransport::start(
   }
 }
 
-void ProcessGroupTransport::wait(c10d::Work& work, const std::string& what) {
-  try {
-    work.wait(timeout_);
-  } catch (const std::exception& e) {
-    mark_broken(what);
-    TORCH_CHECK(false, "shardpipe: rank ", rank_, " ", what, " within ",
-                static_cast<double>(timeout_.count()) / 1000.0,
-                " s (the peer died, hangs or never came): ", e.what());
+void ProcessGroupTransport::wait(const c10::intrusive_ptr<c10d::Work>& work,
+                                 const std::string& what) {
+  uint64_t id = 0;
+  {
+    std::lock_guard<std::mutex> lock(waiting_mutex_);
+    TORCH_CHECK(!stopping_, "shardpipe: rank ", rank_, "'s pipeline is closing");
+    if (!watchdog_.joinable()) watchdog_ = std::thread([this] { watch(); });
+    id = next_waiting_++;
+    waiting_[id] = {work, std::chrono::steady_clock::now()};
   }
+  watchdog_wake_.notify_all();
+  bool completed = false;
+  std::string error;
+  try {
+    completed = work->wait();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  bool aborted = false;
+  {
+    std::lock_guard<std::mutex> lock(waiting_mutex_);
+    aborted = waiting_[id].aborted;
+    waiting_.erase(id);
+  }
+  if (completed && !aborted && error.empty()) {
+    note_progress();
+    return;
+  }
+  mark_broken(what);
+  if (error.empty()) {
+    error = c10::str("no message reached or left rank ", rank_, " for ",
+                     static_cast<double>(timeout_.count()) / 1000.0, " s");
+  }
+  TORCH_CHECK(false, "shardpipe: rank ", rank_, " ", what, " within ",
+              static_cast<double>(timeout_.count()) / 1000.0,
+              " s of silence (the peer died, hangs or never came): ", error);
 }
 
 std::vector<ProcessGroupTransport::Record> ProcessGroupTransport::exchange(const Record& mine) {
@@ -175,7 +244,7 @@ std::vector<ProcessGroupTransport::Record> ProcessGroupTransport::exchange(const
     works.emplace_back(r, start(r, [&] { return group_->recv(in, r, tag); }));
   }
   for (auto& [peer, work] : works) {
-    wait(*work, "did not hear from rank " + std::to_string(peer));
+    wait(work, "did not hear from rank " + std::to_string(peer));
   }
   std::vector<Record> records;
   for (int r = 0; r < ranks_; ++r) {
@@ -247,7 +316,7 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         std::to_string(expected.micro_batch) + " from rank " + std::to_string(from);
     try {
       std::vector<at::Tensor> header{at::empty({kWords}, at::kLong)};
-      wait(*start(from, [&] { return group_->recv(header, from, tag_of(sequence + k, 0)); }), what);
+      wait(start(from, [&] { return group_->recv(header, from, tag_of(sequence + k, 0)); }), what);
       const int64_t* w = header[0].data_ptr<int64_t>();
       if (w[0] == kFailure) {
         Record record = Record::decode(header[0]);
@@ -282,7 +351,7 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         works.push_back(
             start(from, [&] { return group_->recv(part, from, tag_of(sequence + k, 1 + j)); }));
       }
-      for (auto& work : works) wait(*work, what);
+      for (auto& work : works) wait(work, what);
       std::lock_guard<std::mutex> lock(step.mutex);
       Slot& slot = step.at(expected.to_stage, expected.micro_batch);
       if (expected.phase == Phase::kForward) {
@@ -345,6 +414,7 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
   }
   const uint64_t sequence = channel.sequence + channel.next;
   channel.next++;
+  note_progress();  // this rank got on: its peers' silence is measured from here
   std::vector<at::Tensor> head{header};
   std::lock_guard<std::mutex> lock(sends_mutex_);
   auto first = start(to, [&] { return group_->send(head, to, tag_of(sequence, 0)); });
@@ -443,7 +513,7 @@ void ProcessGroupTransport::finish(Step& step) {
   for (auto& pending : sends) {
     try {
       if (!broken_) {
-        wait(*pending.work, "could not deliver a message to rank " + std::to_string(pending.to));
+        wait(pending.work, "could not deliver a message to rank " + std::to_string(pending.to));
       }
     } catch (...) {
       step.fail(std::current_exception(), place() + "sending");

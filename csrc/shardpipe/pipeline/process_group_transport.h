@@ -12,6 +12,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "shardpipe/common/worker_thread.h"
@@ -34,7 +35,9 @@ namespace shardpipe {
 // failure record in the header, so they stop waiting at once and the channels stay in step
 // for the next phase; after each phase the ranks exchange their outcomes, so that either
 // every rank returns or every rank raises (the peers naming the rank, stage and micro-batch
-// that failed). Every wait is bounded by `timeout`; once one expires (a peer died or never
+// that failed). Every wait is bounded by `timeout` of silence: it fails once nothing has
+// reached or left this rank for `timeout` since it began, so receives posted long ahead in a
+// long phase never fail while messages flow. Once a wait fails (a peer died, hangs or never
 // came) the transport is broken and every later phase raises at once.
 class ProcessGroupTransport : public LocalTransport {
  public:
@@ -108,7 +111,11 @@ class ProcessGroupTransport : public LocalTransport {
   // raises naming the peer and breaks the transport.
   c10::intrusive_ptr<c10d::Work> start(int peer,
                                        const std::function<c10::intrusive_ptr<c10d::Work>()>& post);
-  void wait(c10d::Work& work, const std::string& what);
+  // Waits for `work` until it finishes or the watchdog aborts it after `timeout_` without
+  // progress; raises naming `what` then.
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what);
+  void note_progress();
+  void watch();  // the watchdog thread's loop
   void check_usable() const;
   void mark_broken(const std::string& reason);
 
@@ -132,6 +139,23 @@ class ProcessGroupTransport : public LocalTransport {
   // One receiver thread per peer; `receiving_` counts the peers still taking this phase's
   // messages.
   std::map<int, std::unique_ptr<WorkerThread>> receivers_;
+
+  // The watchdog: the works being waited for, each with when its wait began; it aborts
+  // those that have seen no progress (a message received, posted or delivered: any peer)
+  // for `timeout_` since then. gloo's own timeout would close every connection of the group
+  // and count from the post, so waits pass none and leave the deadline to the watchdog.
+  struct Waiting {
+    c10::intrusive_ptr<c10d::Work> work;
+    std::chrono::steady_clock::time_point since;
+    bool aborted = false;
+  };
+  std::atomic<int64_t> last_progress_ns_{0};  // steady clock
+  std::mutex waiting_mutex_;
+  std::condition_variable watchdog_wake_;
+  std::map<uint64_t, Waiting> waiting_;
+  uint64_t next_waiting_ = 0;
+  bool stopping_ = false;
+  std::thread watchdog_;
   std::mutex receive_mutex_;
   std::condition_variable received_;
   int receiving_ = 0;
