@@ -173,12 +173,12 @@ def fuzz_row(timeout_s, long):
 
 
 # The multi-process fault tests (gloo on loopback, ranks spawned by the tests), by kind: the
-# pytest -k expression that selects them in each file.
+# file under tests/ and the pytest -k expression that selects them in it (None: all of it).
 MULTIPROCESS_FAULTS = {
-    "pipeline over ranks": ("test_pipeline_dist.py",
+    "pipeline over ranks": ("python/test_pipeline_dist.py",
                             "raise or killed or torchrun_exit or disagree or refused"),
-    "data parallel": ("test_data_parallel.py", "raise or killed or refused or disagree"),
-    "tensor parallel": ("test_sharded_linear_dist.py", "disagreeing"),
+    "data parallel": ("python/test_data_parallel.py", "raise or killed or refused or disagree"),
+    "tensor parallel": ("stress/test_tp_faults.py", None),
 }
 
 
@@ -187,8 +187,8 @@ def multiprocess_fault_rows(timeout_s):
     file in a child pytest bounded by ``timeout_s``."""
     rows = []
     for kind, (name, expression) in MULTIPROCESS_FAULTS.items():
-        command = [sys.executable, "-m", "pytest", str(REPO / "tests" / "python" / name), "-q",
-                   "-p", "no:cacheprovider", "-k", expression]
+        command = [sys.executable, "-m", "pytest", str(REPO / "tests" / name), "-q",
+                   "-p", "no:cacheprovider"] + (["-k", expression] if expression else [])
         try:
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                   timeout=timeout_s)

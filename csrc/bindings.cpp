@@ -368,10 +368,43 @@ PYBIND11_MODULE(_C, m) {
       "Sizes of `shards` pieces of `total` features, the first total % shards one larger "
       "(ValueError unless 1 <= shards <= total).");
   // A blocking collective: other Python threads may run meanwhile.
-  m.def("gather_shards", &shardpipe::gather_shards, py::arg("piece"), py::arg("dim"),
-        py::arg("sizes"), py::arg("group_name"), py::call_guard<py::gil_scoped_release>(),
-        "The whole tensor from every rank's piece of it along `dim` (rank r's is sizes[r] "
-        "wide), a new contiguous tensor; a collective over the group named group_name.");
+  m.def(
+      "gather_shards",
+      [](const at::Tensor& piece, int64_t dim, std::vector<int64_t> sizes,
+         const std::string& group_name) {
+        return shardpipe::gather_shards("gather_shards", piece, dim, std::move(sizes), group_name);
+      },
+      py::arg("piece"), py::arg("dim"), py::arg("sizes"), py::arg("group_name"),
+      py::call_guard<py::gil_scoped_release>(),
+      "The whole tensor from every rank's piece of it along `dim` (rank r's is sizes[r] "
+      "wide), a new contiguous tensor; a collective over the group named group_name.");
+  m.def(
+      "set_collective_timeout",
+      [](const std::string& group_name, double seconds) {
+        if (!(seconds > 0)) throw py::value_error("timeout must be a positive number of seconds");
+        shardpipe::GroupWatch::set_timeout(
+            group_name, std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0)));
+      },
+      py::arg("group_name"), py::arg("seconds"),
+      "How long the tensor-parallel collectives over the group named group_name wait for a "
+      "peer before every rank raises, naming the rank at fault (default 120 s; one value per "
+      "group).");
+  m.def(
+      "note_collective_failure",
+      [](const std::string& group_name, const std::string& text) {
+        shardpipe::GroupWatch::of(group_name)->note_failure(text);
+      },
+      py::arg("group_name"), py::arg("text"), py::call_guard<py::gil_scoped_release>(),
+      "Tells the peers of the group named group_name that this rank's tensor-parallel layer "
+      "raised `text` before its next collective, so that they stop waiting for it.");
+  m.def(
+      "collective_timeout",
+      [](const std::string& group_name) {
+        return static_cast<double>(shardpipe::GroupWatch::timeout_of(group_name).count()) / 1000.0;
+      },
+      py::arg("group_name"),
+      "The timeout, in seconds, of the tensor-parallel collectives over the group named "
+      "group_name (see set_collective_timeout).");
   m.def("_set_collective_overlap", &shardpipe::set_collective_overlap, py::arg("on"),
         "Private measurement switch (benchmarks, tests): False makes the process-group layers' "
         "backward wait for each collective at once instead of overlapping it with the weight "

@@ -4,6 +4,7 @@ import fnmatch
 
 from torch import nn
 
+from ._checks import check_number
 from .sharded_linear import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["parallelize"]
@@ -47,7 +48,7 @@ def _parse_style(pattern, style):
     )
 
 
-def parallelize(model, plan, *, devices=None, group=None):
+def parallelize(model, plan, *, devices=None, group=None, timeout=None):
     """Replace the ``nn.Linear`` submodules of ``model`` named in ``plan``, in place.
 
     ``plan`` maps name patterns (``fnmatch`` over qualified names such as
@@ -72,6 +73,8 @@ def parallelize(model, plan, *, devices=None, group=None):
         plan: ``{pattern: style}`` as above.
         devices / group: where the shards go, as for ``ColumnParallelLinear`` (neither: the
             default process group if initialised, else each layer's own device).
+        timeout: over a process group, the seconds a collective waits for its peers before
+            every rank raises naming the rank at fault (see ``ColumnParallelLinear``).
 
     Apply it to the model before wrapping it in a :class:`Pipeline` (with a mesh:
     ``group=mesh["tp"].get_group()``); a pipeline, or a module one runs, is refused with
@@ -98,6 +101,8 @@ def parallelize(model, plan, *, devices=None, group=None):
                         "(sp.parallelize(model, plan, group=mesh['tp'].get_group()), then "
                         "sp.Pipeline(model, mesh=mesh)); the stages of a built pipeline keep "
                         "running the layers parallelize would replace")
+    if timeout is not None:
+        check_number(timeout, "timeout", minimum=1e-3)
     if not isinstance(plan, dict):
         raise TypeError(f"plan must be a dict of name pattern -> style, got {type(plan).__name__}")
     names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
@@ -144,5 +149,6 @@ def parallelize(model, plan, *, devices=None, group=None):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
-        setattr(parent, child, cls.from_linear(linear, devices=devices, group=group, **options))
+        setattr(parent, child, cls.from_linear(linear, devices=devices, group=group,
+                                                timeout=timeout, **options))
     return model

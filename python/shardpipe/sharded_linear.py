@@ -13,6 +13,13 @@ checkpoints move freely between sharded and plain models. Over a process group, 
 the shards with an all-gather, so **every rank must call** ``state_dict()`` (each gets the full
 tensors; save on one rank afterwards). ``sharded_state_dict()`` never communicates. Loading
 never communicates: every rank takes its slice of the full tensors.
+
+Faults over a group: every collective waits at most ``timeout`` seconds (120 by default, one
+value per group). A rank whose layer raises tells its peers through the group's store, and
+the peers stop waiting at once with an error naming that rank and its exception; a rank that
+dies, hangs or never comes is named once the wait expires (or its connection drops). After
+such a fault the layers over that group raise at once on every rank: make a new group.
+An argument error that every rank meets alike breaks nothing.
 """
 
 from typing import NamedTuple
@@ -22,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _C
-from ._checks import as_device_list, check_bool, check_dtype, check_int
+from ._checks import as_device_list, check_bool, check_dtype, check_int, check_number
 from .sharded_tensor import ShardedTensor, assemble, disassemble, gather_onto
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "Shard"]
@@ -101,7 +108,7 @@ class _ParallelLinear(nn.Module):
     _flag_name = ""  # gather_output / input_is_parallel
 
     def _build(self, in_features, out_features, bias, flag, devices, group, dtype, chunks,
-               source):
+               source, timeout):
         """Set the layer up; ``source`` is (weight, bias) to copy, or None to draw them."""
         cls = type(self).__name__
         self.in_features = check_int(in_features, "in_features", 1)
@@ -124,9 +131,18 @@ class _ParallelLinear(nn.Module):
                 f"chunks={chunks} needs group=: it pipelines the forward collective of a "
                 "process group; with devices= use chunks=1"
             )
+        if timeout is not None:
+            check_number(timeout, "timeout", minimum=1e-3)
+            if placement.group is None:
+                raise ValueError(
+                    f"timeout={timeout} needs group=: it bounds the waits of a process group's "
+                    "collectives; layers over devices= do not wait for peers"
+                )
         self._placement = placement
         if placement.group is not None:
             self._check_group_agrees(bias, dtype, cls)
+            if timeout is not None:
+                _C.set_collective_timeout(placement.group_name, float(timeout))
         self.shard_sizes = tuple(_C.shard_sizes(split_total, placement.num_shards))
         self._offsets = tuple(sum(self.shard_sizes[:i]) for i in range(placement.num_shards))
 
@@ -184,6 +200,17 @@ class _ParallelLinear(nn.Module):
         dim = self._split_dim if full.dim() == 2 else 0
         piece = full.narrow(dim, self._offsets[index], self.shard_sizes[index])
         return piece.to(device, copy=True).contiguous()
+
+    def forward(self, x):
+        """The layer's output for ``x`` (see the class docstring)."""
+        try:
+            return self._forward(x)
+        except Exception as error:
+            p = self._placement
+            if p.group is not None and p.num_shards > 1:
+                # The peers may be waiting in this layer's collective: they stop at once.
+                _C.note_collective_failure(p.group_name, f"{type(error).__name__}: {error}")
+            raise
 
     def _check_group_agrees(self, bias, dtype, cls):
         """Fail on every rank, instead of hanging later, when ranks build different layers."""
@@ -419,6 +446,10 @@ class ColumnParallelLinear(_ParallelLinear):
         chunks: over a process group with ``gather_output=True``, split the batch (all dims
             but the last, flattened) into this many pieces, so that the all-gather of one
             piece runs while the next piece is multiplied. 1 (the default): one all-gather.
+        timeout: over a process group, the seconds a collective waits for its peers before
+            every rank raises, naming the rank at fault (see "Faults over a group" in the
+            module docs). It belongs to the group (every layer over it shares the latest
+            value); None keeps the group's (120 s unless set).
 
     ``out_features`` need not divide by the number of shards: shard sizes then differ by at
     most one, the first shards being the larger. Parameters are drawn as ``nn.Linear`` draws
@@ -441,14 +472,16 @@ class ColumnParallelLinear(_ParallelLinear):
     _flag_name = "gather_output"
 
     def __init__(self, in_features, out_features, bias=True, gather_output=True, devices=None,
-                 group=None, dtype=None, *, chunks=1):
+                 group=None, dtype=None, *, chunks=1, timeout=None):
         super().__init__()
         self._build(
-            in_features, out_features, bias, gather_output, devices, group, dtype, chunks, None
+            in_features, out_features, bias, gather_output, devices, group, dtype, chunks, None,
+            timeout,
         )
 
     @classmethod
-    def from_linear(cls, linear, *, gather_output=True, devices=None, group=None, chunks=1):
+    def from_linear(cls, linear, *, gather_output=True, devices=None, group=None, chunks=1,
+                    timeout=None):
         """A column-parallel copy of ``linear`` (an ``nn.Linear``), split over shards.
 
         With neither ``devices`` nor ``group``: the default process group if one is
@@ -461,14 +494,14 @@ class ColumnParallelLinear(_ParallelLinear):
             >>> torch.allclose(col(torch.ones(2, 8)), lin(torch.ones(2, 8)))
             True
         """
-        return _from_linear(cls, linear, gather_output, devices, group, chunks)
+        return _from_linear(cls, linear, gather_output, devices, group, chunks, timeout)
 
     @property
     def bias_shards(self):
         """The bias shards held by this process (empty without a bias)."""
         return tuple(getattr(self, n) for n in self._bias_names)
 
-    def forward(self, x):
+    def _forward(self, x):
         if isinstance(x, ShardedTensor):
             x = x.full_tensor()
         if not isinstance(x, torch.Tensor):
@@ -516,6 +549,7 @@ class RowParallelLinear(_ParallelLinear):
         chunks: over a process group, split the batch (all dims but the last, flattened) into
             this many pieces, so that the all-reduce of one piece runs while the next piece is
             multiplied. 1 (the default): one all-reduce per forward.
+        timeout: over a process group, as for ``ColumnParallelLinear``.
 
     Example (the tensor-parallel MLP: one reduction forward, one backward)::
 
@@ -532,15 +566,16 @@ class RowParallelLinear(_ParallelLinear):
     _flag_name = "input_is_parallel"
 
     def __init__(self, in_features, out_features, bias=True, input_is_parallel=False,
-                 devices=None, group=None, dtype=None, *, chunks=1):
+                 devices=None, group=None, dtype=None, *, chunks=1, timeout=None):
         super().__init__()
         self._build(
             in_features, out_features, bias, input_is_parallel, devices, group, dtype, chunks,
-            None,
+            None, timeout,
         )
 
     @classmethod
-    def from_linear(cls, linear, *, input_is_parallel=False, devices=None, group=None, chunks=1):
+    def from_linear(cls, linear, *, input_is_parallel=False, devices=None, group=None, chunks=1,
+                    timeout=None):
         """A row-parallel copy of ``linear`` (an ``nn.Linear``), split over shards.
 
         Defaults as ``ColumnParallelLinear.from_linear``.
@@ -552,9 +587,9 @@ class RowParallelLinear(_ParallelLinear):
             >>> torch.allclose(row(torch.ones(2, 8)), lin(torch.ones(2, 8)))
             True
         """
-        return _from_linear(cls, linear, input_is_parallel, devices, group, chunks)
+        return _from_linear(cls, linear, input_is_parallel, devices, group, chunks, timeout)
 
-    def forward(self, x):
+    def _forward(self, x):
         p = self._placement
         sharded_in = self.input_is_parallel and p.num_shards > 1
         if isinstance(x, ShardedTensor) and not (sharded_in and p.group is None):
@@ -601,13 +636,13 @@ class RowParallelLinear(_ParallelLinear):
         )
 
 
-def _from_linear(cls, linear, flag, devices, group, chunks):
+def _from_linear(cls, linear, flag, devices, group, chunks, timeout):
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
     layer = cls.__new__(cls)
     nn.Module.__init__(layer)
     layer._build(
         linear.in_features, linear.out_features, linear.bias is not None, flag, devices, group,
-        linear.weight.dtype, chunks, (linear.weight, linear.bias),
+        linear.weight.dtype, chunks, (linear.weight, linear.bias), timeout,
     )
     return layer

@@ -134,11 +134,11 @@ def check_mlp_needs_one_all_reduce_forward_and_one_backward(rank, world):
     col, row, _, _ = make_mlp(world)
     x = leaf(same_input(4, 6))
     prof, y = profiled(lambda: row(torch.relu(col(x))))
-    assert count_events(prof, "_c10d_functional::all_reduce_") == 1
-    assert count_events(prof, "_c10d_functional::all_gather_into_tensor") == 0
+    assert count_events(prof, "c10d::allreduce_") == 1
+    assert count_events(prof, "c10d::allgather_") == 0
     assert count_events(prof, "gloo:all_reduce") == 1
     prof, _ = profiled(lambda: y.sum().backward())
-    assert count_events(prof, "_c10d_functional::all_reduce_") == 1
+    assert count_events(prof, "c10d::allreduce_") == 1
     assert count_events(prof, "gloo:all_reduce") == 1
     # An input that needs no gradient needs no backward reduction at all.
     y = row(torch.relu(col(same_input(4, 6))))
@@ -195,8 +195,8 @@ def check_chunked_forward_pipelines_its_collectives(rank, world):
         x = same_input(*shape)
         xs, xl = leaf(x), leaf(x)
         prof, y = profiled(lambda xs=xs: row(torch.relu(col(xs))))
-        assert count_events(prof, "_c10d_functional::all_gather_into_tensor") == pieces[0]
-        assert count_events(prof, "_c10d_functional::all_reduce_") == pieces[1]
+        assert count_events(prof, "c10d::allgather_") == pieces[0]
+        assert count_events(prof, "c10d::allreduce_") == pieces[1]
         expected = fc2(torch.relu(fc1(xl)))
         close(y, expected)
         y.sum().backward()
@@ -214,7 +214,7 @@ def check_gathered_column_then_whole_input_row(rank, world):
     x = same_input(3, 6)
     xs, xl = leaf(x), leaf(x)
     prof, y = profiled(lambda: row(torch.tanh(col(xs))))
-    assert count_events(prof, "_c10d_functional::all_gather_into_tensor") == 1
+    assert count_events(prof, "c10d::allgather_") == 1
     expected = fc2(torch.tanh(fc1(xl)))
     close(y, expected)
     y.sum().backward()

@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <string>
 #include <tuple>
 
 #include "shardpipe/tensor_parallel/collectives.h"
+#include "shardpipe/tensor_parallel/group_watch.h"
 #include "shardpipe/tensor_parallel/linear_math.h"
 #include "shardpipe/tensor_parallel/sharded_linear.h"
 
@@ -58,11 +60,11 @@ at::Tensor in_chunks(const at::Tensor& x, int64_t chunks, int64_t out_width,
   return at::cat(done, 0).view(out_shape);
 }
 
-at::Tensor column_parallel_linear_group_kernel(const at::Tensor& x, const at::Tensor& weight,
-                                               const std::optional<at::Tensor>& bias,
-                                               bool gather_output, at::IntArrayRef shard_sizes,
-                                               int64_t rank, c10::string_view group_name,
-                                               int64_t chunks) {
+at::Tensor column_parallel_linear_group_compute(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                bool gather_output, at::IntArrayRef shard_sizes,
+                                                int64_t rank, c10::string_view group_name,
+                                                int64_t chunks) {
   const char* op = "column_parallel_linear_group";
   check_group(op, shard_sizes, rank);
   check_weights(op, weight);
@@ -75,10 +77,10 @@ at::Tensor column_parallel_linear_group_kernel(const at::Tensor& x, const at::Te
   return in_chunks(
       x, chunks, total_of(shard_sizes),
       [&](const at::Tensor& piece) { return at::linear(piece, weight, bias); },
-      [&](at::Tensor y) { return all_gather_last_dim(y, sizes, group); });
+      [&](at::Tensor y) { return all_gather_last_dim(op, y, sizes, group); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_group_backward_kernel(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_group_backward_compute(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
     bool gather_output, at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
     GradMask mask) {
@@ -94,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_group_back
   PendingCollective input_grad;
   if (mask[0]) {
     auto partial = linear_input_grad(g, weight);
-    input_grad = distributed ? all_reduce_sum(partial, std::string(group_name))
+    input_grad = distributed ? all_reduce_sum(op, partial, std::string(group_name))
                              : PendingCollective::ready(partial);
     if (!collective_overlap()) input_grad.wait();
   }
@@ -109,11 +111,11 @@ at::Tensor row_local_input(const at::Tensor& x, bool input_is_parallel, at::IntA
   return x.narrow(-1, shard_offsets(shard_sizes)[rank], shard_sizes[rank]);
 }
 
-at::Tensor row_parallel_linear_group_kernel(const at::Tensor& x, const at::Tensor& weight,
-                                            const std::optional<at::Tensor>& bias,
-                                            bool input_is_parallel, at::IntArrayRef shard_sizes,
-                                            int64_t rank, c10::string_view group_name,
-                                            int64_t chunks) {
+at::Tensor row_parallel_linear_group_compute(const at::Tensor& x, const at::Tensor& weight,
+                                             const std::optional<at::Tensor>& bias,
+                                             bool input_is_parallel, at::IntArrayRef shard_sizes,
+                                             int64_t rank, c10::string_view group_name,
+                                             int64_t chunks) {
   const char* op = "row_parallel_linear_group";
   check_group(op, shard_sizes, rank);
   check_weights(op, weight);
@@ -130,12 +132,12 @@ at::Tensor row_parallel_linear_group_kernel(const at::Tensor& x, const at::Tenso
   auto y = in_chunks(
       local, chunks, weight.size(0),
       [&](const at::Tensor& piece) { return at::linear(piece, weight); },
-      [&](at::Tensor partial) { return all_reduce_sum(std::move(partial), group); });
+      [&](at::Tensor partial) { return all_reduce_sum(op, std::move(partial), group); });
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> row_parallel_linear_group_backward_kernel(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_parallel_linear_group_backward_compute(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
     bool input_is_parallel, at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
     GradMask mask) {
@@ -149,13 +151,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_parallel_linear_group_backwar
   if (mask[0]) {
     auto mine = linear_input_grad(grad, weight);
     input_grad = distributed && !input_is_parallel
-                     ? all_gather_last_dim(mine, shard_sizes.vec(), std::string(group_name))
+                     ? all_gather_last_dim(op, mine, shard_sizes.vec(), std::string(group_name))
                      : PendingCollective::ready(mine);
     if (!collective_overlap()) input_grad.wait();
   }
   at::Tensor weight_grad = mask[1] ? linear_weight_grad(grad, local) : at::Tensor();
   at::Tensor bias_grad = mask[2] && has_bias ? linear_bias_grad(grad) : at::Tensor();
   return {input_grad.wait(), weight_grad, bias_grad};
+}
+
+// The peers of a rank whose operator failed may wait in the collective this rank will now
+// not start: tell them (group_watch.h), then let the error go on to the caller.
+void tell_peers(c10::string_view group_name, size_t ranks, const std::string& text) {
+  if (ranks < 2) return;
+  try {
+    GroupWatch::of(std::string(group_name))->note_failure(text);
+  } catch (...) {
+    // No such group, or no store: the peers' timeout still ends their wait.
+  }
+}
+
+std::string error_text(const c10::Error& e) {
+  const char* kind = dynamic_cast<const c10::ValueError*>(&e)   ? "ValueError: "
+                     : dynamic_cast<const c10::TypeError*>(&e)  ? "TypeError: "
+                     : dynamic_cast<const c10::IndexError*>(&e) ? "IndexError: "
+                                                                : "RuntimeError: ";
+  return std::string(kind) + e.what_without_backtrace();
+}
+
+template <class Compute, class... Args>
+auto noting_failure(Compute compute, c10::string_view group_name, at::IntArrayRef shard_sizes,
+                    const Args&... args) {
+  try {
+    return compute(args...);
+  } catch (const c10::Error& e) {
+    tell_peers(group_name, shard_sizes.size(), error_text(e));
+    throw;
+  } catch (const std::exception& e) {
+    tell_peers(group_name, shard_sizes.size(), e.what());
+    throw;
+  }
+}
+
+at::Tensor column_parallel_linear_group_kernel(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias,
+                                               bool gather_output, at::IntArrayRef shard_sizes,
+                                               int64_t rank, c10::string_view group_name,
+                                               int64_t chunks) {
+  return noting_failure(column_parallel_linear_group_compute, group_name, shard_sizes, x, weight,
+                        bias, gather_output, shard_sizes, rank, group_name, chunks);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_group_backward_kernel(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
+    bool gather_output, at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
+    GradMask mask) {
+  return noting_failure(column_parallel_linear_group_backward_compute, group_name, shard_sizes,
+                        grad, x, weight, has_bias, gather_output, shard_sizes, rank, group_name,
+                        mask);
+}
+
+at::Tensor row_parallel_linear_group_kernel(const at::Tensor& x, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias,
+                                            bool input_is_parallel, at::IntArrayRef shard_sizes,
+                                            int64_t rank, c10::string_view group_name,
+                                            int64_t chunks) {
+  return noting_failure(row_parallel_linear_group_compute, group_name, shard_sizes, x, weight, bias,
+                        input_is_parallel, shard_sizes, rank, group_name, chunks);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_parallel_linear_group_backward_kernel(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
+    bool input_is_parallel, at::IntArrayRef shard_sizes, int64_t rank, c10::string_view group_name,
+    GradMask mask) {
+  return noting_failure(row_parallel_linear_group_backward_compute, group_name, shard_sizes, grad,
+                        x, weight, has_bias, input_is_parallel, shard_sizes, rank, group_name,
+                        mask);
 }
 
 }  // namespace
