@@ -149,7 +149,7 @@ void ProcessGroupTransport::watch() {
   while (!stopping_) {
     // Asleep while nothing is waited for (between steps); then a look every 50 ms.
     watchdog_wake_.wait(lock, [&] { return stopping_ || !waiting_.empty(); });
-    watchdog_wake_.wait_for(lock, std::chrono::milliseconds(50));
+    watchdog_wake_.wait_for(lock, std::chrono::milliseconds(50), [&] { return stopping_; });
     const auto now = Clock::now();
     const Clock::time_point progress{Clock::duration(last_progress_ns_.load())};
     for (auto& [id, waiting] : waiting_) {
@@ -192,14 +192,16 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTransport::start(
 void ProcessGroupTransport::wait(const c10::intrusive_ptr<c10d::Work>& work,
                                  const std::string& what) {
   uint64_t id = 0;
+  bool wake = false;
   {
     std::lock_guard<std::mutex> lock(waiting_mutex_);
     TORCH_CHECK(!stopping_, "shardpipe: rank ", rank_, "'s pipeline is closing");
     if (!watchdog_.joinable()) watchdog_ = std::thread([this] { watch(); });
     id = next_waiting_++;
+    wake = waiting_.empty();  // else the watchdog is looking every 50 ms already
     waiting_[id] = {work, std::chrono::steady_clock::now()};
   }
-  watchdog_wake_.notify_all();
+  if (wake) watchdog_wake_.notify_all();
   bool completed = false;
   std::string error;
   try {
