@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import torch
 from torch import nn
@@ -52,6 +53,18 @@ def layout(schedule, stages):
         devices = ["cpu"] * stages
     base, extra = divmod(6, stages)
     return devices, [base + (1 if s < extra else 0) for s in range(stages)]
+
+
+class Sleep(nn.Module):
+    """A copy of its input, taking ``seconds`` per call (a stage that computes for a while)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x * 1.0
 
 
 class Explode(nn.Module):

@@ -17,6 +17,7 @@ import dist_harness
 import pytest
 import torch
 import torch.distributed as dist
+from pipeline_helpers import Sleep
 from torch import nn
 
 WORLDS = [2, 3, 4]
@@ -394,18 +395,6 @@ def check_a_raising_loss_makes_every_rank_raise(rank, world):
         pipe.train_step(same(4, 6), same(4, 6), loss)
 
 
-class Slow(nn.Module):
-    """The identity, taking ``seconds`` per call (a stage that computes for a while)."""
-
-    def __init__(self, seconds):
-        super().__init__()
-        self.seconds = seconds
-
-    def forward(self, x):
-        time.sleep(self.seconds)
-        return x
-
-
 def check_a_phase_longer_than_the_timeout_trains_while_messages_flow(rank, world):
     # Under GPipe the first stage's rank posts its first gradient receive at the start of
     # the phase and gets it only after every forward: about 9 x 0.15 s, longer than the
@@ -413,7 +402,7 @@ def check_a_phase_longer_than_the_timeout_trains_while_messages_flow(rank, world
     torch.manual_seed(0)
     layers = []
     for _ in range(world):
-        layers += [nn.Linear(6, 6), Slow(0.15)]
+        layers += [nn.Linear(6, 6), Sleep(0.15)]
     model = nn.Sequential(*layers)
     baseline = copy.deepcopy(model)
     pipe = pipeline(model, chunks=8, schedule="gpipe", timeout=1.0)

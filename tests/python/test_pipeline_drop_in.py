@@ -8,7 +8,15 @@ import time
 
 import pytest
 import torch
-from pipeline_helpers import CHECKPOINTS, SCHEDULES, assert_grads_close, grads, layout, mlp
+from pipeline_helpers import (
+    CHECKPOINTS,
+    SCHEDULES,
+    Sleep,
+    assert_grads_close,
+    grads,
+    layout,
+    mlp,
+)
 from torch import nn
 
 import shardpipe as sp
@@ -122,16 +130,6 @@ def test_eval_mode_does_not_checkpoint(make_pipeline):
     pipe.train()
     pipe(torch.randn(4, 4, requires_grad=True)).sum().backward()
     assert recomputed[2:] == [False, False, True, True]
-
-
-class Sleep(nn.Module):
-    def __init__(self, seconds):
-        super().__init__()
-        self.seconds = seconds
-
-    def forward(self, x):
-        time.sleep(self.seconds)
-        return x * 1.0
 
 
 def test_checkpointing_keeps_stages_that_draw_nothing_concurrent():
