@@ -165,13 +165,16 @@ def test_two_hosts_train_then_a_cut_link_fails_every_rank_in_time(two_hosts, tmp
         "\n".join(outputs)[-4000:]
     assert all(p.returncode != 0 for p in procs), report
     assert sorted(outcomes) == [0, 1, 2, 3], report
-    for rank, outcome in outcomes.items():
+    for outcome in outcomes.values():
         assert outcome != "returned", report
         seconds = float(outcome.split(" s:")[0])
         assert seconds < 4 * TIMEOUT_S, report
-        assert f"shardpipe: rank {rank} " in outcome, report
+        # Its own wait's error ("shardpipe: rank r waited in vain ... from rank p"), or the
+        # record of a peer that lost its own ("shardpipe: rank p failed ...").
+        assert "shardpipe: rank " in outcome and "from rank " in outcome, report
     # Rank r runs on host r // 2: rank 1's only pending message is rank 2's, across the cut.
     # (Rank 2 waits on rank 1 and on rank 3 alike from the start of the phase, and whichever
-    # wait expires first is the one it names.)
+    # wait expires first is the one it names.) Rank 3 hears from rank 2, on its own host,
+    # that rank 2 lost a peer, and gives up at once instead of waiting for the exchange.
     assert "from rank 2" in outcomes[1], report
     assert elapsed < DEADLINE_S, report

@@ -64,7 +64,7 @@ at::Tensor ProcessGroupTransport::Record::encode(int64_t kind) const {
   at::Tensor header = at::zeros({kWords}, at::kLong);
   int64_t* w = header.data_ptr<int64_t>();
   w[0] = kind;
-  w[1] = failed;
+  w[1] = failed ? (lost ? 2 : 1) : 0;
   w[2] = origin;
   w[3] = stage;
   w[4] = micro_batch;
@@ -81,6 +81,7 @@ ProcessGroupTransport::Record ProcessGroupTransport::Record::decode(const at::Te
   const int64_t* w = header.data_ptr<int64_t>();
   Record r;
   r.failed = w[1] != 0;
+  r.lost = w[1] == 2;
   r.origin = w[2];
   r.stage = w[3];
   r.micro_batch = w[4];
@@ -94,10 +95,10 @@ ProcessGroupTransport::Record ProcessGroupTransport::Record::decode(const at::Te
 
 std::string ProcessGroupTransport::Record::message() const {
   const std::string where = stage >= 0
-                                ? "stage " + std::to_string(stage) + ", micro-batch " +
+                                ? "in stage " + std::to_string(stage) + ", micro-batch " +
                                       std::to_string(micro_batch) + " (" + phase_word(phase) + ")"
                                 : "outside any stage";
-  return "shardpipe: rank " + std::to_string(origin) + " failed in " + where + ": " + text;
+  return "shardpipe: rank " + std::to_string(origin) + " failed " + where + ": " + text;
 }
 
 void ProcessGroupTransport::set_error_text(ErrorText text) { error_text_hook() = std::move(text); }
@@ -326,6 +327,10 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
           std::lock_guard<std::mutex> lock(receive_mutex_);
           if (!peer_failure_) peer_failure_ = record;
         }
+        if (record.lost) {
+          mark_broken("learned that rank " + std::to_string(record.origin) +
+                      " lost a peer: " + record.text);
+        }
         step.fail(std::make_exception_ptr(std::runtime_error(record.message())),
                   place() + "waiting for rank " + std::to_string(from));
         continue;
@@ -493,7 +498,8 @@ void ProcessGroupTransport::finish(Step& step) {
   }
   // The peers wait for every message of the plan: what was not sent goes as a failure record.
   if (failed) {
-    const Record record = failure_of(step);
+    Record record = failure_of(step);
+    record.lost = broken_;
     for (auto& [to, channel] : outgoing_) {
       try {
         while (channel.next < channel.messages.size()) send_record(to, channel, record);

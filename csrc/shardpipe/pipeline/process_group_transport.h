@@ -75,6 +75,9 @@ class ProcessGroupTransport : public LocalTransport {
   // A failure (or a success and its value) as it travels between ranks.
   struct Record {
     bool failed = false;
+    // The sender lost a peer (its transport is broken): it takes no part in the outcome
+    // exchange, so its receivers give it up too rather than wait a timeout for it.
+    bool lost = false;
     int64_t origin = -1;  // the rank where it happened
     int64_t stage = -1;   // -1: not inside a task
     int64_t micro_batch = -1;
