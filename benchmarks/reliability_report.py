@@ -262,7 +262,8 @@ def main():
     for name, tests, findings, when in sanitizer_rows():
         print(f"{name:<11}{tests:<24}{findings:>9}  {when}")
     print("\nfaults, many processes  (gloo on loopback: a raising rank at each kind of position, "
-          "a killed rank, ranks that disagree; tests/python)")
+          "a killed rank, ranks that disagree, a rank that never comes; tests/python and "
+          "tests/stress)")
     print(f"{'kind':<22}{'tests':>7}{'passed':>8}{'failed':>8}{'hung':>6}")
     for kind, tests, passed, failed, hung in multiprocess_fault_rows(900):
         print(f"{kind:<22}{tests:>7}{passed:>8}{failed:>8}{hung:>6}")
