@@ -688,6 +688,9 @@ PYBIND11_MODULE(_C, m) {
              }
              return events;
            })
+      .def_property_readonly("bytes_sent", &shardpipe::Engine::bytes_sent,
+                             "Over ranks: bytes this rank has sent its peers, headers and records "
+                             "included (private: benchmarks read it).")
       .def_property_readonly("stages", &shardpipe::Engine::stages)
       .def_property_readonly("workers", &shardpipe::Engine::workers);
 }

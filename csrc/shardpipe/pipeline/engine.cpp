@@ -122,6 +122,8 @@ Engine::Engine(std::vector<StageFn> stages, EngineOptions options,
   }
 }
 
+uint64_t Engine::bytes_sent() const { return ranks_ ? ranks_->bytes_sent() : 0; }
+
 void Engine::set_tracing(bool on) {
   executor_->set_tracing(on);
   if (reducer_) reducer_->set_recording(on);

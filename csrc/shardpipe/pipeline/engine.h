@@ -94,6 +94,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // Whether stage s runs in this process (over ranks: on this rank).
   bool runs_stage(int s) const { return transport_->runs_here(placement_.worker_of(s)); }
   int workers() const { return placement_.workers; }
+  // Over ranks: the bytes this rank has sent its peers (ProcessGroupTransport::bytes_sent);
+  // 0 in one process.
+  uint64_t bytes_sent() const;
   const EngineOptions& options() const { return options_; }
 
  private:

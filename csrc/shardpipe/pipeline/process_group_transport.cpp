@@ -4,7 +4,9 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <stdexcept>
 
 namespace shardpipe {
@@ -13,9 +15,16 @@ namespace {
 // A header: what a message holds, or a failure record, or a rank's outcome of a phase.
 constexpr int64_t kWords = 128;
 constexpr int64_t kData = 1, kFailure = 2, kOutcome = 3;
-// The most tensors one message carries: a header tag and one tag per tensor.
+// The most tensors one message carries. A message's tags: its header's, then one per
+// tensor where the receiver guessed the tensors' shapes (and posted their receives ahead),
+// then one per tensor where it did not (the receives wait for the header).
 constexpr int64_t kMaxTensors = 16;
-constexpr int64_t kTagsPerMessage = kMaxTensors + 1;
+constexpr int64_t kGuessedTags = 1, kUnguessedTags = 1 + kMaxTensors;
+constexpr int64_t kTagsPerMessage = 1 + 2 * kMaxTensors;
+// Header word 5: what the message holds beside its tensors.
+constexpr int64_t kFlatTuple = 1, kGuessed = 2;
+// How many messages beyond the one it is taking a receiver has posted receives for.
+constexpr size_t kAhead = 3;
 // Record fields, after the kind in word 0.
 constexpr int64_t kTextStart = 9;
 constexpr size_t kMaxText = (kWords - kTextStart) * sizeof(int64_t);
@@ -23,6 +32,24 @@ constexpr size_t kMaxText = (kWords - kTextStart) * sizeof(int64_t);
 int tag_of(uint64_t sequence, int64_t part) {
   // Both ends count a channel's messages alike, so the tags agree; gloo matches on them.
   return static_cast<int>((sequence * kTagsPerMessage + part) % (1ull << 30));
+}
+
+// Whether a message may be shorter than the receive posted for it, so that a header carries
+// only the words it uses. gloo's TCP transport (Linux) allows it and writes the message's own
+// length; its libuv transport (macOS, Windows) reads the posted length whatever was sent, so
+// there, and on any other backend, every header travels whole.
+bool short_messages(c10d::ProcessGroup& group) {
+#if defined(__linux__)
+  const char* transport = std::getenv("GLOO_DEVICE_TRANSPORT");
+  if (transport != nullptr && std::string(transport) != "TCP") return false;
+  try {
+    return group.getBackend(c10::DeviceType::CPU)->getBackendName() == "gloo";
+  } catch (const std::exception&) {
+    return false;  // no CPU backend: nothing travels anyway
+  }
+#else
+  return false;
+#endif
 }
 
 ProcessGroupTransport::ErrorText& error_text_hook() {
@@ -77,6 +104,11 @@ at::Tensor ProcessGroupTransport::Record::encode(int64_t kind) const {
   return header;
 }
 
+int64_t ProcessGroupTransport::Record::words() const {
+  const int64_t n = static_cast<int64_t>(std::min(text.size(), kMaxText));
+  return kTextStart + (n + static_cast<int64_t>(sizeof(int64_t)) - 1) / sizeof(int64_t);
+}
+
 ProcessGroupTransport::Record ProcessGroupTransport::Record::decode(const at::Tensor& header) {
   const int64_t* w = header.data_ptr<int64_t>();
   Record r;
@@ -116,6 +148,8 @@ ProcessGroupTransport::ProcessGroupTransport(const Placement& placement,
   }
   rank_ = group_->getRank();
   ranks_ = group_->getSize();
+  short_headers_ = short_messages(*group_);
+  guessing_ = short_headers_;
   TORCH_CHECK_VALUE(placement.workers == ranks_, "shardpipe: the placement has ", placement.workers,
                     " workers but the group ", ranks_, " ranks");
   TORCH_CHECK_VALUE(timeout.count() > 0, "shardpipe: timeout must be positive");
@@ -235,13 +269,14 @@ std::vector<ProcessGroupTransport::Record> ProcessGroupTransport::exchange(const
   // a third of an all-gather of the same bytes (measured on loopback, 2 ranks), and these
   // rounds run twice a step. Tags above the channels' count the rounds, alike on every rank.
   const int tag = static_cast<int>((1ull << 30) + rounds_++ % (1ull << 29));
-  at::Tensor header = mine.encode(kOutcome);
+  at::Tensor header = sendable(mine.encode(kOutcome), mine.words());
   std::vector<at::Tensor> received(static_cast<size_t>(ranks_));
   std::vector<std::pair<int, c10::intrusive_ptr<c10d::Work>>> works;
   for (int r = 0; r < ranks_; ++r) {
     if (r == rank_) continue;
     std::vector<at::Tensor> out{header};
     works.emplace_back(r, start(r, [&] { return group_->send(out, r, tag); }));
+    count_sent(header);
     received[r] = at::empty({kWords}, at::kLong);
     std::vector<at::Tensor> in{received[r]};
     works.emplace_back(r, start(r, [&] { return group_->recv(in, r, tag); }));
@@ -296,11 +331,12 @@ void ProcessGroupTransport::begin(Step& step, const Schedule& schedule) {
       if (!thread) {
         thread = std::make_unique<WorkerThread>("shardpipe_rx" + std::to_string(from));
       }
+      auto* known = &received_shapes_[from];
       const uint64_t sequence = incoming_sequence_[from];
       incoming_sequence_[from] += messages.size();
       ++receiving_;
-      thread->post([this, &step, from, messages, sequence] {
-        receive_all(step, from, messages, sequence);
+      thread->post([this, &step, from, messages, sequence, known] {
+        receive_all(step, from, messages, sequence, *known);
         std::lock_guard<std::mutex> done(receive_mutex_);
         --receiving_;
         received_.notify_all();
@@ -309,20 +345,71 @@ void ProcessGroupTransport::begin(Step& step, const Schedule& schedule) {
   }
 }
 
+void ProcessGroupTransport::abort_all(const std::vector<c10::intrusive_ptr<c10d::Work>>& works) {
+  for (const auto& work : works) {
+    try {
+      work->abort();
+    } catch (...) {
+      // A backend that cannot abort: the receive ends with the group.
+    }
+  }
+}
+
 void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Message> messages,
-                                        uint64_t sequence) {
+                                        uint64_t sequence, std::map<MessageKey, Shapes>& known) {
+  // A message's receives, posted ahead: its header, and its tensors where a guess exists.
+  struct Posted {
+    at::Tensor header;
+    c10::intrusive_ptr<c10d::Work> header_work;
+    std::optional<Shapes> guess;
+    std::vector<at::Tensor> guessed;
+    std::vector<c10::intrusive_ptr<c10d::Work>> guessed_works;
+  };
+  std::deque<Posted> ahead;
+  size_t posted = 0;
+  // Receives for the next few messages stay posted while one is taken, so a sender that runs
+  // ahead writes at once rather than wait for the receiver to ask.
+  auto post_until = [&](size_t until) {
+    for (; posted < std::min(until, messages.size()); ++posted) {
+      Posted p;
+      const uint64_t seq = sequence + posted;
+      std::vector<at::Tensor> header{at::empty({kWords}, at::kLong)};
+      p.header = header[0];
+      p.header_work = start(from, [&] { return group_->recv(header, from, tag_of(seq, 0)); });
+      if (guessing_) {
+        auto found = known.find(key_of(messages[posted]));
+        if (found != known.end()) p.guess = found->second;
+      }
+      if (p.guess) {
+        for (size_t i = 0; i < p.guess->size(); ++i) {
+          const auto& [dtype, shape] = (*p.guess)[i];
+          std::vector<at::Tensor> part{
+              receive_pool_.empty(shape, static_cast<at::ScalarType>(dtype))};
+          p.guessed.push_back(part[0]);
+          p.guessed_works.push_back(start(from, [&] {
+            return group_->recv(part, from, tag_of(seq, kGuessedTags + static_cast<int64_t>(i)));
+          }));
+        }
+      }
+      ahead.push_back(std::move(p));
+    }
+  };
+  std::vector<c10::intrusive_ptr<c10d::Work>> left;  // posted, never waited for
   for (size_t k = 0; k < messages.size(); ++k) {
     const Message& expected = messages[k];
     const std::string what =
         "waited in vain for stage " + std::to_string(expected.from_stage) + "'s " +
         (expected.phase == Phase::kForward ? "output" : "input gradient") + " of micro-batch " +
         std::to_string(expected.micro_batch) + " from rank " + std::to_string(from);
+    Posted p;
     try {
-      std::vector<at::Tensor> header{at::empty({kWords}, at::kLong)};
-      wait(start(from, [&] { return group_->recv(header, from, tag_of(sequence + k, 0)); }), what);
-      const int64_t* w = header[0].data_ptr<int64_t>();
+      post_until(k + 1 + kAhead);
+      p = std::move(ahead.front());
+      ahead.pop_front();
+      wait(p.header_work, what);
+      const int64_t* w = p.header.data_ptr<int64_t>();
       if (w[0] == kFailure) {
-        Record record = Record::decode(header[0]);
+        Record record = Record::decode(p.header);
         {
           std::lock_guard<std::mutex> lock(receive_mutex_);
           if (!peer_failure_) peer_failure_ = record;
@@ -330,6 +417,9 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         if (record.lost) {
           mark_broken("learned that rank " + std::to_string(record.origin) +
                       " lost a peer: " + record.text);
+          abort_all(p.guessed_works);
+        } else {
+          for (auto& work : p.guessed_works) wait(work, what);  // the sender's voids
         }
         step.fail(std::make_exception_ptr(std::runtime_error(record.message())),
                   place() + "waiting for rank " + std::to_string(from));
@@ -340,10 +430,12 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
                   "shardpipe: rank ", rank_, " received a message from rank ", from,
                   " out of the schedule's order (a bug in shardpipe)");
       const int64_t n = w[4];
-      StructurePtr structure = w[5] ? flat_tuple() : nullptr;
+      StructurePtr structure = (w[5] & kFlatTuple) ? flat_tuple() : nullptr;
+      const bool guessed = (w[5] & kGuessed) != 0;
       Activations tensors(static_cast<size_t>(n));
       std::vector<bool> needs_grad(static_cast<size_t>(n));
-      std::vector<c10::intrusive_ptr<c10d::Work>> works;
+      Shapes shapes;
+      std::vector<int64_t> defined;  // positions of the defined tensors
       int64_t at = 6;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t dtype = w[at++];
@@ -352,13 +444,32 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         std::vector<int64_t> shape(w + at, w + at + dims);
         at += dims;
         if (dtype < 0) continue;
-        tensors[j] =
-            at::empty(shape, at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype)));
-        std::vector<at::Tensor> part{tensors[j]};
-        works.push_back(
-            start(from, [&] { return group_->recv(part, from, tag_of(sequence + k, 1 + j)); }));
+        shapes.emplace_back(dtype, std::move(shape));
+        defined.push_back(j);
       }
-      for (auto& work : works) wait(work, what);
+      // Both ends keep the same record of what was sent, so they agree on the guess; a
+      // disagreement is a bug, and it must not pass as data received into the wrong shapes.
+      TORCH_CHECK(!guessed || (p.guess && *p.guess == shapes), "shardpipe: rank ", rank_,
+                  " and rank ", from,
+                  " disagree on the shapes guessed for a message (a bug in shardpipe)");
+      for (auto& work : p.guessed_works) wait(work, what);  // the tensors, or voids
+      if (guessed) {
+        for (size_t i = 0; i < defined.size(); ++i) tensors[defined[i]] = p.guessed[i];
+      } else {
+        std::vector<c10::intrusive_ptr<c10d::Work>> works;
+        for (size_t i = 0; i < defined.size(); ++i) {
+          const auto& [dtype, shape] = shapes[i];
+          std::vector<at::Tensor> part{
+              receive_pool_.empty(shape, static_cast<at::ScalarType>(dtype))};
+          tensors[defined[i]] = part[0];
+          works.push_back(start(from, [&] {
+            return group_->recv(part, from,
+                                tag_of(sequence + k, kUnguessedTags + static_cast<int64_t>(i)));
+          }));
+        }
+        for (auto& work : works) wait(work, what);
+      }
+      if (guessing_) known[key_of(expected)] = std::move(shapes);
       std::lock_guard<std::mutex> lock(step.mutex);
       Slot& slot = step.at(expected.to_stage, expected.micro_batch);
       if (expected.phase == Phase::kForward) {
@@ -373,9 +484,26 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
       step.notify_locked();
     } catch (...) {
       step.fail(std::current_exception(), place() + "receiving from rank " + std::to_string(from));
-      if (broken_) return;  // the channel is lost: nothing more will come
+      if (broken_) {  // the channel is lost: nothing more will come
+        left = std::move(p.guessed_works);
+        break;
+      }
     }
   }
+  for (auto& p : ahead) {  // posted ahead on a channel that broke
+    left.push_back(p.header_work);
+    left.insert(left.end(), p.guessed_works.begin(), p.guessed_works.end());
+  }
+  abort_all(left);
+}
+
+at::Tensor ProcessGroupTransport::sendable(const at::Tensor& header, int64_t words) const {
+  return short_headers_ ? header.narrow(0, 0, words) : header;
+}
+
+void ProcessGroupTransport::count_sent(const at::Tensor& t) {
+  bytes_sent_.fetch_add(static_cast<uint64_t>(t.numel()) * t.element_size(),
+                        std::memory_order_relaxed);
 }
 
 void ProcessGroupTransport::send(const Message& message, const Activations& tensors,
@@ -401,9 +529,9 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
   w[2] = message.from_stage;
   w[3] = message.micro_batch;
   w[4] = static_cast<int64_t>(tensors.size());
-  w[5] = structure ? 1 : 0;
   int64_t at = 6;
   std::vector<at::Tensor> data;
+  Shapes shapes;
   for (size_t j = 0; j < tensors.size(); ++j) {
     const at::Tensor& t = tensors[j];
     const int64_t dims = t.defined() ? t.dim() : 0;
@@ -418,25 +546,35 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
                       " is on ", t.device(),
                       "; between ranks only CPU tensors travel so far (gloo)");
     data.push_back(t.detach().contiguous());
+    shapes.emplace_back(static_cast<int64_t>(t.scalar_type()), t.sizes().vec());
   }
+  // The receiver guessed this message's shapes from the last time it came (and posted its
+  // receives ahead) when that is in the record both ends keep.
+  const std::optional<Shapes> guess = guess_for(to, message);
+  const bool guessed = guess && *guess == shapes;
+  w[5] = (structure ? kFlatTuple : 0) | (guessed ? kGuessed : 0);
+  header = sendable(header, at);
   const uint64_t sequence = channel.sequence + channel.next;
   channel.next++;
   note_progress();  // this rank got on: its peers' silence is measured from here
+  count_sent(header);
+  for (const auto& t : data) count_sent(t);
   std::vector<at::Tensor> head{header};
   std::lock_guard<std::mutex> lock(sends_mutex_);
   auto first = start(to, [&] { return group_->send(head, to, tag_of(sequence, 0)); });
   sends_.push_back({first, {header}, to});
-  int64_t part = 1;
-  for (size_t j = 0; j < tensors.size(); ++j) {
-    if (!tensors[j].defined()) continue;
-    std::vector<at::Tensor> one{data[part - 1]};
-    sends_.push_back(
-        {start(
-             to,
-             [&] { return group_->send(one, to, tag_of(sequence, static_cast<int64_t>(j) + 1)); }),
-         one, to});
-    part++;
+  if (guess && !guessed) send_voids(to, sequence, guess->size());
+  const int64_t base = guessed ? kGuessedTags : kUnguessedTags;
+  for (size_t i = 0; i < data.size(); ++i) {
+    std::vector<at::Tensor> one{data[i]};
+    sends_.push_back({start(to,
+                            [&] {
+                              return group_->send(one, to,
+                                                  tag_of(sequence, base + static_cast<int64_t>(i)));
+                            }),
+                      one, to});
   }
+  if (guessing_) sent_shapes_[to][key_of(message)] = std::move(shapes);
   // Finished sends let go of their tensors now, not at the end of the phase.
   sends_.erase(std::remove_if(sends_.begin(), sends_.end(),
                               [](const Pending& p) { return p.work->isCompleted(); }),
@@ -444,13 +582,40 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
 }
 
 void ProcessGroupTransport::send_record(int to, Outgoing& channel, const Record& record) {
+  const std::optional<Shapes> guess = guess_for(to, channel.messages[channel.next]);
   const uint64_t sequence = channel.sequence + channel.next;
   channel.next++;
-  at::Tensor header = record.encode(kFailure);
+  at::Tensor header = sendable(record.encode(kFailure), record.words());
+  count_sent(header);
   std::vector<at::Tensor> head{header};
   std::lock_guard<std::mutex> lock(sends_mutex_);
   sends_.push_back(
       {start(to, [&] { return group_->send(head, to, tag_of(sequence, 0)); }), {header}, to});
+  if (guess) send_voids(to, sequence, guess->size());
+}
+
+std::optional<ProcessGroupTransport::Shapes> ProcessGroupTransport::guess_for(
+    int to, const Message& message) const {
+  auto channel = sent_shapes_.find(to);
+  if (!guessing_ || channel == sent_shapes_.end()) return std::nullopt;
+  auto found = channel->second.find(key_of(message));
+  if (found == channel->second.end()) return std::nullopt;
+  return found->second;
+}
+
+void ProcessGroupTransport::send_voids(int to, uint64_t sequence, size_t count) {
+  // Empty messages complete the receives posted for a wrong guess, which would otherwise stay
+  // posted in the connection; gloo's TCP transport takes a message shorter than its receive.
+  for (size_t i = 0; i < count; ++i) {
+    std::vector<at::Tensor> none{at::empty({0}, at::kByte)};
+    sends_.push_back({start(to,
+                            [&] {
+                              return group_->send(
+                                  none, to,
+                                  tag_of(sequence, kGuessedTags + static_cast<int64_t>(i)));
+                            }),
+                      none, to});
+  }
 }
 
 void ProcessGroupTransport::send_activations(Step& step, int stage, int i,

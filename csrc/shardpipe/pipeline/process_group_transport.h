@@ -13,10 +13,13 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "shardpipe/common/worker_thread.h"
 #include "shardpipe/pipeline/local_transport.h"
+#include "shardpipe/pipeline/receive_pool.h"
 
 namespace shardpipe {
 
@@ -26,10 +29,13 @@ namespace shardpipe {
 // `channel_plan` gives, which both ends read from the same Schedule: deadlock-free by
 // construction, and checked on paper (`check_channels`) before a schedule first runs.
 //
-// Every message is a fixed-size header (kind, micro-batch, per tensor its dtype, shape and
-// whether its producer wants a gradient) followed by the tensors, so shapes and dtypes may
-// change from micro-batch to micro-batch. One receiver thread per peer posts each header's
-// receive before the task that needs it runs and delivers into the step's slots.
+// Every message is a header (kind, micro-batch, per tensor its dtype, shape and whether its
+// producer wants a gradient) followed by the tensors, so shapes and dtypes may change from
+// micro-batch to micro-batch. One receiver thread per peer posts receives a few messages
+// ahead of the tasks that need them: each header's, and its tensors' with the shapes that
+// message carried last time (a sender whose shapes differ answers those with empty messages
+// and sends on other tags). It receives into blocks of a ReceivePool and delivers into the
+// step's slots.
 //
 // Faults: a phase that fails on one rank still sends every message its peers expect, as a
 // failure record in the header, so they stop waiting at once and the channels stay in step
@@ -57,6 +63,9 @@ class ProcessGroupTransport : public LocalTransport {
   std::string place() const override { return "rank " + std::to_string(rank_) + ", "; }
   int rank() const { return rank_; }
   int ranks() const { return ranks_; }
+  // Bytes this rank has posted to its peers so far: headers, records and tensors (for
+  // benchmarks: what a step costs on the wire beside the tensors themselves).
+  uint64_t bytes_sent() const { return bytes_sent_.load(std::memory_order_relaxed); }
 
   // Before a phase, on every rank: the batch size (known on the first stage's rank, which
   // splits the input) goes to every rank, and so does an error any rank met before the phase
@@ -87,6 +96,7 @@ class ProcessGroupTransport : public LocalTransport {
     std::string text;
 
     at::Tensor encode(int64_t kind) const;
+    int64_t words() const;  // how many of the header's words it uses
     static Record decode(const at::Tensor& header);
     // What a peer raises: the failing rank, where it failed, and what it raised.
     std::string message() const;
@@ -102,11 +112,31 @@ class ProcessGroupTransport : public LocalTransport {
     int to = -1;                   // the receiving rank, for the error
   };
 
+  // The dtype and shape of each defined tensor of a message, in order.
+  using Shapes = std::vector<std::pair<int64_t, std::vector<int64_t>>>;
+  // A message's place in every phase that sends it: (phase, from stage, micro-batch).
+  using MessageKey = std::tuple<int, int, int>;
+  static MessageKey key_of(const Message& m) {
+    return {static_cast<int>(m.phase), m.from_stage, m.micro_batch};
+  }
+
   bool remote(int stage) const { return placement_.worker_of(stage) != rank_; }
+  // The shapes the receiver `to` guessed for `message`: those it carried last time, if any.
+  std::optional<Shapes> guess_for(int to, const Message& message) const;
+  // Empty messages for the receives a wrong guess posted (sends_mutex_ held).
+  void send_voids(int to, uint64_t sequence, size_t count);
+  static void abort_all(const std::vector<c10::intrusive_ptr<c10d::Work>>& works);
   void send(const Message& message, const Activations& tensors, const StructurePtr& structure,
             const std::vector<bool>& needs_grad);
   void send_record(int to, Outgoing& channel, const Record& record);
-  void receive_all(Step& step, int from, std::vector<Message> messages, uint64_t sequence);
+  // `header` as it goes: its first `words` where the backend lets a message be shorter than
+  // its receive (the receiver always posts kWords), else whole.
+  at::Tensor sendable(const at::Tensor& header, int64_t words) const;
+  void count_sent(const at::Tensor& t);
+  // Takes a phase's messages from `from`, in order; `known`: what each message carried the
+  // last time it came from there (the guesses), which only this peer's thread touches.
+  void receive_all(Step& step, int from, std::vector<Message> messages, uint64_t sequence,
+                   std::map<MessageKey, Shapes>& known);
   Record failure_of(Step& step);
   // Every rank's record, in rank order (a collective of the group, bounded by the timeout).
   std::vector<Record> exchange(const Record& mine);
@@ -126,6 +156,16 @@ class ProcessGroupTransport : public LocalTransport {
   int rank_ = 0;
   int ranks_ = 1;
   std::chrono::milliseconds timeout_;
+  bool short_headers_ = false;
+  // Whether receivers guess a message's shapes from the last time it came, posting its
+  // tensors' receives ahead with the header's: a wrong guess is answered by empty messages,
+  // so only where messages may be shorter than their receives.
+  bool guessing_ = false;
+  // Per peer, what each message carried the last time it went (sent_shapes_, by the senders)
+  // or came (received_shapes_, by that peer's receiver thread): both ends keep the same.
+  std::map<int, std::map<MessageKey, Shapes>> sent_shapes_;
+  std::map<int, std::map<MessageKey, Shapes>> received_shapes_;
+  std::atomic<uint64_t> bytes_sent_{0};
   // Set by whichever thread saw a wait expire; read by all.
   std::atomic<bool> broken_{false};
   mutable std::mutex broken_mutex_;
@@ -163,6 +203,7 @@ class ProcessGroupTransport : public LocalTransport {
   std::condition_variable received_;
   int receiving_ = 0;
   std::optional<Record> peer_failure_;  // the first failure record a peer sent this phase
+  ReceivePool receive_pool_;            // what the receiver threads receive into
 };
 
 }  // namespace shardpipe
