@@ -148,8 +148,7 @@ ProcessGroupTransport::ProcessGroupTransport(const Placement& placement,
   }
   rank_ = group_->getRank();
   ranks_ = group_->getSize();
-  short_headers_ = short_messages(*group_);
-  guessing_ = short_headers_;
+  short_messages_ = short_messages(*group_);
   TORCH_CHECK_VALUE(placement.workers == ranks_, "shardpipe: the placement has ", placement.workers,
                     " workers but the group ", ranks_, " ranks");
   TORCH_CHECK_VALUE(timeout.count() > 0, "shardpipe: timeout must be positive");
@@ -225,7 +224,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTransport::start(
 }
 
 void ProcessGroupTransport::wait(const c10::intrusive_ptr<c10d::Work>& work,
-                                 const std::string& what) {
+                                 const std::string& what, bool progress) {
   uint64_t id = 0;
   bool wake = false;
   {
@@ -251,7 +250,7 @@ void ProcessGroupTransport::wait(const c10::intrusive_ptr<c10d::Work>& work,
     waiting_.erase(id);
   }
   if (completed && !aborted && error.empty()) {
-    note_progress();
+    if (progress) note_progress();
     return;
   }
   mark_broken(what);
@@ -376,7 +375,7 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
       std::vector<at::Tensor> header{at::empty({kWords}, at::kLong)};
       p.header = header[0];
       p.header_work = start(from, [&] { return group_->recv(header, from, tag_of(seq, 0)); });
-      if (guessing_) {
+      if (short_messages_) {
         auto found = known.find(key_of(messages[posted]));
         if (found != known.end()) p.guess = found->second;
       }
@@ -406,7 +405,9 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
       post_until(k + 1 + kAhead);
       p = std::move(ahead.front());
       ahead.pop_front();
-      wait(p.header_work, what);
+      // A failure record is not progress: a peer that gave up on a third rank must not restart
+      // this rank's clock on the channels that still wait for that third rank.
+      wait(p.header_work, what, /*progress=*/false);
       const int64_t* w = p.header.data_ptr<int64_t>();
       if (w[0] == kFailure) {
         Record record = Record::decode(p.header);
@@ -419,12 +420,13 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
                       " lost a peer: " + record.text);
           abort_all(p.guessed_works);
         } else {
-          for (auto& work : p.guessed_works) wait(work, what);  // the sender's voids
+          for (auto& work : p.guessed_works) wait(work, what, false);  // the sender's voids
         }
         step.fail(std::make_exception_ptr(std::runtime_error(record.message())),
                   place() + "waiting for rank " + std::to_string(from));
         continue;
       }
+      note_progress();
       TORCH_CHECK(w[0] == kData && w[1] == static_cast<int64_t>(expected.phase) &&
                       w[2] == expected.from_stage && w[3] == expected.micro_batch,
                   "shardpipe: rank ", rank_, " received a message from rank ", from,
@@ -469,7 +471,7 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         }
         for (auto& work : works) wait(work, what);
       }
-      if (guessing_) known[key_of(expected)] = std::move(shapes);
+      if (short_messages_) known[key_of(expected)] = std::move(shapes);
       std::lock_guard<std::mutex> lock(step.mutex);
       Slot& slot = step.at(expected.to_stage, expected.micro_batch);
       if (expected.phase == Phase::kForward) {
@@ -498,7 +500,7 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
 }
 
 at::Tensor ProcessGroupTransport::sendable(const at::Tensor& header, int64_t words) const {
-  return short_headers_ ? header.narrow(0, 0, words) : header;
+  return short_messages_ ? header.narrow(0, 0, words) : header;
 }
 
 void ProcessGroupTransport::count_sent(const at::Tensor& t) {
@@ -550,7 +552,7 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
   }
   // The receiver guessed this message's shapes from the last time it came (and posted its
   // receives ahead) when that is in the record both ends keep.
-  const std::optional<Shapes> guess = guess_for(to, message);
+  const Shapes* guess = guess_for(to, message);
   const bool guessed = guess && *guess == shapes;
   w[5] = (structure ? kFlatTuple : 0) | (guessed ? kGuessed : 0);
   header = sendable(header, at);
@@ -574,7 +576,7 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
                             }),
                       one, to});
   }
-  if (guessing_) sent_shapes_[to][key_of(message)] = std::move(shapes);
+  if (short_messages_) sent_shapes_[to][key_of(message)] = std::move(shapes);
   // Finished sends let go of their tensors now, not at the end of the phase.
   sends_.erase(std::remove_if(sends_.begin(), sends_.end(),
                               [](const Pending& p) { return p.work->isCompleted(); }),
@@ -582,7 +584,7 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
 }
 
 void ProcessGroupTransport::send_record(int to, Outgoing& channel, const Record& record) {
-  const std::optional<Shapes> guess = guess_for(to, channel.messages[channel.next]);
+  const Shapes* guess = guess_for(to, channel.messages[channel.next]);
   const uint64_t sequence = channel.sequence + channel.next;
   channel.next++;
   at::Tensor header = sendable(record.encode(kFailure), record.words());
@@ -594,13 +596,12 @@ void ProcessGroupTransport::send_record(int to, Outgoing& channel, const Record&
   if (guess) send_voids(to, sequence, guess->size());
 }
 
-std::optional<ProcessGroupTransport::Shapes> ProcessGroupTransport::guess_for(
+const ProcessGroupTransport::Shapes* ProcessGroupTransport::guess_for(
     int to, const Message& message) const {
   auto channel = sent_shapes_.find(to);
-  if (!guessing_ || channel == sent_shapes_.end()) return std::nullopt;
+  if (!short_messages_ || channel == sent_shapes_.end()) return nullptr;
   auto found = channel->second.find(key_of(message));
-  if (found == channel->second.end()) return std::nullopt;
-  return found->second;
+  return found == channel->second.end() ? nullptr : &found->second;
 }
 
 void ProcessGroupTransport::send_voids(int to, uint64_t sequence, size_t count) {

@@ -41,10 +41,10 @@ namespace shardpipe {
 // failure record in the header, so they stop waiting at once and the channels stay in step
 // for the next phase; after each phase the ranks exchange their outcomes, so that either
 // every rank returns or every rank raises (the peers naming the rank, stage and micro-batch
-// that failed). Every wait is bounded by `timeout` of silence: it fails once nothing has
-// reached or left this rank for `timeout` since it began, so receives posted long ahead in a
-// long phase never fail while messages flow. Once a wait fails (a peer died, hangs or never
-// came) the transport is broken and every later phase raises at once.
+// that failed). Every wait is bounded by `timeout` of silence: it fails once nothing but
+// failure records has reached or left this rank for `timeout` since it began, so receives
+// posted long ahead in a long phase never fail while messages flow. Once a wait fails (a peer
+// died, hangs or never came) the transport is broken and every later phase raises at once.
 class ProcessGroupTransport : public LocalTransport {
  public:
   // Turns an exception into the text a peer reports ("ValueError: bad input"); the Python
@@ -121,8 +121,9 @@ class ProcessGroupTransport : public LocalTransport {
   }
 
   bool remote(int stage) const { return placement_.worker_of(stage) != rank_; }
-  // The shapes the receiver `to` guessed for `message`: those it carried last time, if any.
-  std::optional<Shapes> guess_for(int to, const Message& message) const;
+  // The shapes the receiver `to` guessed for `message`: those it carried last time, if any
+  // (null if none); valid until the next send to `to`.
+  const Shapes* guess_for(int to, const Message& message) const;
   // Empty messages for the receives a wrong guess posted (sends_mutex_ held).
   void send_voids(int to, uint64_t sequence, size_t count);
   static void abort_all(const std::vector<c10::intrusive_ptr<c10d::Work>>& works);
@@ -145,8 +146,10 @@ class ProcessGroupTransport : public LocalTransport {
   c10::intrusive_ptr<c10d::Work> start(int peer,
                                        const std::function<c10::intrusive_ptr<c10d::Work>()>& post);
   // Waits for `work` until it finishes or the watchdog aborts it after `timeout_` without
-  // progress; raises naming `what` then.
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what);
+  // progress; raises naming `what` then. Its completion is progress unless `progress` is
+  // false (a header, which the caller counts once it knows it is data).
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what,
+            bool progress = true);
   void note_progress();
   void watch();  // the watchdog thread's loop
   void check_usable() const;
@@ -156,11 +159,11 @@ class ProcessGroupTransport : public LocalTransport {
   int rank_ = 0;
   int ranks_ = 1;
   std::chrono::milliseconds timeout_;
-  bool short_headers_ = false;
-  // Whether receivers guess a message's shapes from the last time it came, posting its
-  // tensors' receives ahead with the header's: a wrong guess is answered by empty messages,
-  // so only where messages may be shorter than their receives.
-  bool guessing_ = false;
+  // Whether the backend takes a message shorter than its receive (short_messages()). Then
+  // headers go as short as they are, and receivers guess a message's shapes from the last
+  // time it came, posting its tensors' receives ahead with the header's: a wrong guess is
+  // answered by empty messages.
+  bool short_messages_ = false;
   // Per peer, what each message carried the last time it went (sent_shapes_, by the senders)
   // or came (received_shapes_, by that peer's receiver thread): both ends keep the same.
   std::map<int, std::map<MessageKey, Shapes>> sent_shapes_;
