@@ -30,14 +30,14 @@ fi
 
 failed=()
 
-echo "== pytest tests/python tests/stress"
+echo "== pytest tests/python tests/stress (at ${SECONDS} s)"
 "$PY" -m pytest tests/python tests/stress "$@" || failed+=(pytest)
 
 # SHARDPIPE_SANITIZE=address (or thread) builds and runs the C++ suite under that sanitizer,
 # in a build folder of its own.
 SANITIZE="${SHARDPIPE_SANITIZE:-}"
 BUILD="build/cmake${SANITIZE:+-$SANITIZE}"
-echo "== GoogleTest (tests/cpp) through CMake and ctest${SANITIZE:+, under ${SANITIZE}sanitizer}"
+echo "== GoogleTest (tests/cpp) through CMake and ctest${SANITIZE:+, under ${SANITIZE}sanitizer} (at ${SECONDS} s)"
 if cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" \
   -DGTEST_SOURCE_DIR="$GTEST_SOURCE_DIR" -DSHARDPIPE_SANITIZE="$SANITIZE" &&
   cmake --build "$BUILD" -j "${MAX_JOBS:-2}" &&
@@ -51,4 +51,4 @@ if [ "${#failed[@]}" -gt 0 ]; then
   echo "test.sh: FAILED: ${failed[*]}" >&2
   exit 1
 fi
-echo "test.sh: all tests passed"
+echo "test.sh: all tests passed in ${SECONDS} s"
