@@ -13,7 +13,7 @@ PY="$ROOT/.venv/bin/python"
 
 # The C++ suite builds GoogleTest from its sources with torch's ABI flags: Debian's
 # libgtest-dev ships them in /usr/src/googletest (GTEST_SOURCE_DIR points elsewhere).
-# CMake and ninja come with the venv (scripts/setup_env.sh).
+# ninja comes with the venv, and CMake too where the system has none (scripts/setup_env.sh).
 GTEST_SOURCE_DIR="${GTEST_SOURCE_DIR:-/usr/src/googletest}"
 if [ ! -f "$GTEST_SOURCE_DIR/CMakeLists.txt" ]; then
   echo "test.sh: installing GoogleTest's sources (Debian's libgtest-dev)"
