@@ -204,36 +204,49 @@ std::string GroupWatch::peer_fault(uint64_t number) {
   return *found;
 }
 
-std::vector<int> GroupWatch::missing(uint64_t number, milliseconds grace) {
-  auto absent = std::make_shared<std::vector<int>>();
+std::string GroupWatch::missing(uint64_t number, milliseconds grace) {
+  // The last complete count of the store: the store may stop answering half-way (its host
+  // rank exits once it has raised), and what a full pass saw before that still names the
+  // rank that never came.
+  struct Count {
+    std::mutex mutex;
+    std::vector<int> absent;
+    bool counted = false;
+  };
+  auto count = std::make_shared<Count>();
   const bool asked = on_store(
-      [this, number, grace, absent](c10d::Store& s) {
+      [this, number, grace, count](c10d::Store& s) {
         s.set(reached_key(rank_), as_bytes(std::to_string(number)));
         const auto until = Clock::now() + grace;
         while (true) {
-          absent->clear();
+          std::vector<int> absent;
           for (int r = 0; r < size_; ++r) {
-            if (r != rank_ && reached_by(s, r) < number) absent->push_back(r);
+            if (r != rank_ && reached_by(s, r) < number) absent.push_back(r);
           }
-          if (absent->empty() || Clock::now() >= until) return;
+          {
+            std::lock_guard<std::mutex> lock(count->mutex);
+            count->absent = absent;
+            count->counted = true;
+          }
+          if (absent.empty() || Clock::now() >= until) return;
           std::this_thread::sleep_for(milliseconds(50));
         }
       },
       grace + kStoreLimit);
-  if (!asked) return {};
-  return *absent;
+  std::lock_guard<std::mutex> lock(count->mutex);
+  if (!count->counted || count->absent.empty()) return "";
+  if (asked) {
+    return rank_list(count->absent) + " never reached it (failed, died, hangs or never came)";
+  }
+  return rank_list(count->absent) +
+         " had not reached it when the store stopped answering (failed, died or hangs)";
 }
 
 void GroupWatch::fail(uint64_t number, const std::string& what, const std::string& cause,
                       std::string culprit) {
   // A rank that never reached the collective is the root of a fault; a peer's note (that it
   // failed, or gave up because of a third rank) comes next.
-  if (culprit.empty()) {
-    const auto absent = missing(number, kGrace);
-    if (!absent.empty()) {
-      culprit = rank_list(absent) + " never reached it (failed, died, hangs or never came)";
-    }
-  }
+  if (culprit.empty()) culprit = missing(number, kGrace);
   if (culprit.empty()) culprit = peer_fault(number);
   std::string message = "shardpipe: rank " + std::to_string(rank_) + " of group '" + name_ +
                         "': " + what + " (collective " + std::to_string(number) + ") " + cause;

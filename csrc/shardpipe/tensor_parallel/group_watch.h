@@ -66,8 +66,9 @@ class GroupWatch {
   // What the peers' notes say about collective `number`: the first peer known to be at
   // fault and why, or an empty text.
   std::string peer_fault(uint64_t number);
-  // The ranks that have not reached collective `number`, after giving them `grace` to say so.
-  std::vector<int> missing(uint64_t number, std::chrono::milliseconds grace);
+  // Which ranks have not reached collective `number`, after giving them `grace` to say so,
+  // as a culprit text, or an empty text.
+  std::string missing(uint64_t number, std::chrono::milliseconds grace);
   [[noreturn]] void fail(uint64_t number, const std::string& what, const std::string& cause,
                          std::string culprit);
   // Runs `job` on the store thread and waits for it at most `limit`; false if it took longer
