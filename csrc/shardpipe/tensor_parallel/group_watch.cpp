@@ -8,6 +8,7 @@
 #include <map>
 #include <sstream>
 #include <thread>
+#include <utility>
 
 namespace shardpipe {
 namespace {
@@ -211,7 +212,6 @@ std::string GroupWatch::missing(uint64_t number, milliseconds grace) {
   struct Count {
     std::mutex mutex;
     std::vector<int> absent;
-    bool counted = false;
   };
   auto count = std::make_shared<Count>();
   const bool asked = on_store(
@@ -223,18 +223,18 @@ std::string GroupWatch::missing(uint64_t number, milliseconds grace) {
           for (int r = 0; r < size_; ++r) {
             if (r != rank_ && reached_by(s, r) < number) absent.push_back(r);
           }
+          const bool all_came = absent.empty();
           {
             std::lock_guard<std::mutex> lock(count->mutex);
-            count->absent = absent;
-            count->counted = true;
+            count->absent = std::move(absent);
           }
-          if (absent.empty() || Clock::now() >= until) return;
+          if (all_came || Clock::now() >= until) return;
           std::this_thread::sleep_for(milliseconds(50));
         }
       },
       grace + kStoreLimit);
   std::lock_guard<std::mutex> lock(count->mutex);
-  if (!count->counted || count->absent.empty()) return "";
+  if (count->absent.empty()) return "";
   if (asked) {
     return rank_list(count->absent) + " never reached it (failed, died, hangs or never came)";
   }
