@@ -10,8 +10,9 @@ Spawns two gloo ranks on loopback (one intra-op thread each). Sections:
    micro-batch, against raw gloo sends of the same tensor timed in the same processes: one
    at a time (a ping-pong, halved), and ``--chunks`` in flight at once into buffers allocated
    before the clock starts, as the pipeline's hand-offs are. The pipeline's figure holds the
-   header message of each hand-off and, per step, the two rounds of small records between
-   the ranks (the batch before the phase, the outcome after), spread over the micro-batches.
+   prefix of each hand-off (packed with the tensor up to 256 KiB, a message of its own above)
+   and, per step, the two rounds of small records between the ranks (the batch before the
+   phase, the outcome after), spread over the micro-batches.
    The last stage keeps one column so that the output's concatenation, which is the
    pipeline's and not the hand-off's, stays out of the figure.
 2. Training throughput: an MLP of ``--blocks`` Linear+ReLU blocks, ``train_step`` with 1F1B,
@@ -57,27 +58,36 @@ def parse_args():
 
 
 def median_time(fn, steps, rounds):
-    return interleaved_medians([fn], steps, rounds)[0]
+    return interleaved_medians([fn], steps, rounds)[0][0]
 
 
 def interleaved_medians(fns, steps, rounds):
-    """Per function, the median over `rounds` of its time per call; the rounds of the functions
-    alternate, so that a slower spell of the machine reaches them all alike."""
+    """Per function, the medians over `rounds` of its wall time and of this process's CPU time
+    (all its threads) per call; the rounds of the functions alternate, so that a slower spell
+    of the machine reaches them all alike."""
     for fn in fns:
         fn()
-    samples = [[] for _ in fns]
+    walls = [[] for _ in fns]
+    cpus = [[] for _ in fns]
     for _ in range(rounds):
-        for fn, times in zip(fns, samples):
-            start = time.perf_counter()
+        for fn, wall, cpu in zip(fns, walls, cpus):
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 fn()
-            times.append((time.perf_counter() - start) / steps)
-    return [statistics.median(times) for times in samples]
+            wall.append((time.perf_counter() - start) / steps)
+            cpu.append((time.process_time() - start_cpu) / steps)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(walls, cpus)]
 
 
 def slowest(seconds):
     t = torch.tensor([seconds], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def both_ranks(seconds):
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t)
     return t.item()
 
 
@@ -153,8 +163,10 @@ def rank_main(rank, world, port, args, queue):
                                      raw_in_flight(rank, x),
                                      functools.partial(forward_no_grad, pipe, x)],
                                     args.steps, args.rounds)
-        raw, flight, per = (slowest(t) for t in times)
-        rows.append((size * 4, raw / 2, flight / args.chunks, per / args.chunks))
+        raw, flight, per = (slowest(wall) for wall, _ in times)
+        flight_cpu, per_cpu = (both_ranks(cpu) for _, cpu in times[1:])
+        rows.append((size * 4, raw / 2, flight / args.chunks, per / args.chunks,
+                     per_cpu / flight_cpu))
     pipe.close()
 
     model = mlp(args)
@@ -210,10 +222,13 @@ def main():
 
     print("1. Hand-off between two ranks, per micro-batch (gloo on loopback; us)")
     print(f"{'bytes':>10} {'raw, 1 at a time':>17} {f'raw, {args.chunks} in flight':>18} "
-          f"{'shardpipe':>10} {'ratio to 1':>11} {f'ratio to {args.chunks}':>11}")
-    for nbytes, raw, flight, per in rows:
+          f"{'shardpipe':>10} {'ratio to 1':>11} {f'ratio to {args.chunks}':>11} "
+          f"{f'CPU ratio to {args.chunks}':>15}")
+    for nbytes, raw, flight, per, cpu_ratio in rows:
         print(f"{nbytes:>10} {raw * 1e6:>17.1f} {flight * 1e6:>18.1f} {per * 1e6:>10.1f} "
-              f"{per / raw:>11.2f} {per / flight:>11.2f}")
+              f"{per / raw:>11.2f} {per / flight:>11.2f} {cpu_ratio:>15.2f}")
+    print("(CPU: both ranks' process CPU time, all threads; on a VM whose host takes its cores "
+          "away now and then it varies less than the wall times)")
     print()
     print(f"2. Training step, MLP {args.blocks}x{args.width}, batch {args.batch}, "
           f"chunks {args.chunks}, 1f1b")

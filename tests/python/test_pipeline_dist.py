@@ -106,9 +106,9 @@ def check_uneven_batches_and_changing_shapes(rank, world):
     baseline = copy.deepcopy(model)
     pipe = pipeline(model, chunks=3, schedule="1f1b")
     # 7 rows in 3 micro-batches (3, 3, 1), then 2 rows (2 micro-batches), then a sequence
-    # dimension whose length changes from step to step. Receivers guess each message's shapes
-    # from the last time it came: the repeats take the guessed path, the changes the other
-    # (empty messages answer the wrong guesses).
+    # dimension whose length changes from step to step. Receivers guess each message's layout
+    # from the last time it came: the repeats take the guessed path (packed, as these are
+    # small), the changes the other (the header fills the packed receive).
     for x in (same(7, 6), same(7, 6, seed=6), same(2, 6, seed=3), same(5, 4, 6, seed=4),
               same(5, 9, 6, seed=5), same(5, 9, 6, seed=7), same(7, 6, seed=8)):
         y = torch.zeros_like(x)
@@ -119,6 +119,85 @@ def check_uneven_batches_and_changing_shapes(rank, world):
         expected.backward()
         torch.testing.assert_close(loss, expected.detach())
         expect_same_gradients(pipe, baseline)
+
+
+def check_hand_offs_above_and_below_the_packing_size(rank, world):
+    # Width 256, 2 micro-batches: 300 rows a micro-batch are 300 KiB a hand-off (as guessed: a
+    # two-word prefix, then the tensor, apart), 32 rows 32 KiB (packed into one message with
+    # the prefix). Each change of size is a wrong guess of the other kind: empty messages
+    # answer the tensor receives, or the header fills the packed one.
+    model = mlp(world, width=256)
+    baseline = copy.deepcopy(model)
+    pipe = pipeline(model, chunks=2, schedule="1f1b")
+    for seed, rows in enumerate((600, 600, 64, 64, 600, 600, 64)):
+        x, y = same(rows, 256, seed=seed), same(rows, 256, seed=seed + 10)
+        for p in list(pipe.parameters()) + list(baseline.parameters()):
+            p.grad = None
+        loss = pipe.train_step(x, y, mse)
+        expected = mse(baseline(x), y)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach())
+        expect_same_gradients(pipe, baseline)
+    pipe.close()
+
+
+def check_repeated_layouts_send_only_a_prefix_beside_the_tensors(rank, world):
+    # The header (88 bytes for a 2-D tensor) goes only when a message's layout changes; a
+    # repeat carries a 16-byte prefix. Beside the hand-offs a step sends one record to each
+    # peer before the phase and one after (9 words each when nothing failed).
+    pipe = pipeline(mlp(world), chunks=4, schedule="1f1b")
+    x, y = same(8, 6), same(8, 6, seed=2)
+    first = pipe._engine.bytes_sent
+    pipe.train_step(x, y, mse)
+    second = pipe._engine.bytes_sent
+    pipe.train_step(x, y, mse)
+    third = pipe._engine.bytes_sent
+    stage = pipe.stage_ranks.index(rank)
+    messages = 4 * ((stage < world - 1) + (stage > 0))  # outputs down, gradients up
+    tensor_bytes = messages * 2 * 6 * 4  # 2 rows of 6 floats a micro-batch
+    records = 2 * (world - 1) * 9 * 8
+    assert third - second == tensor_bytes + 16 * messages + records
+    assert second - first > third - second  # the first step's headers
+    pipe.close()
+
+
+class WithMask(nn.Module):
+    """Returns (x, a mask that needs no gradient)."""
+
+    def forward(self, x):
+        return x, torch.ones(x.shape[0], 1)
+
+
+class PassMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, pair):
+        x, mask = pair
+        return self.linear(x), mask
+
+
+class ScaleMaskInPlace(nn.Module):
+    """Saves x for backward, then changes the mask in place: were the two tensors of one
+    message views of one buffer, the mask's change would count as a change to x."""
+
+    def forward(self, pair):
+        x, mask = pair
+        h = x * x
+        mask.mul_(2)
+        return h * mask
+
+
+def check_a_received_tensor_changed_in_place_leaves_the_others_alone(rank, world):
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 4), WithMask()] + [PassMask() for _ in range(world - 2)]
+    layers += [ScaleMaskInPlace(), nn.Linear(4, 4)]
+    model = nn.Sequential(*layers)
+    baseline = copy.deepcopy(model)
+    pipe = pipeline(model, chunks=2, balance=[2] + [1] * (world - 2) + [2])
+    train_and_compare(pipe, baseline, same(4, 4), same(4, 4, seed=2), steps=3)
+    pipe.close()
 
 
 class ToDouble(nn.Module):

@@ -1,6 +1,7 @@
 #include "shardpipe/pipeline/process_group_transport.h"
 
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include <algorithm>
@@ -12,9 +13,18 @@
 namespace shardpipe {
 namespace {
 
-// A header: what a message holds, or a failure record, or a rank's outcome of a phase.
+// A header: what a message holds, or a failure record, or a rank's outcome of a phase; or, in
+// its place, the prefix of a message as the receiver guessed it (kAsGuessed, then the
+// layout's fingerprint), alone or with the tensors packed after it.
 constexpr int64_t kWords = 128;
-constexpr int64_t kData = 1, kFailure = 2, kOutcome = 3;
+constexpr int64_t kData = 1, kFailure = 2, kOutcome = 3, kAsGuessed = 4;
+constexpr int64_t kPrefixBytes = 2 * sizeof(int64_t);
+// Tensors of at most this many bytes in all travel packed after the prefix when guessed right:
+// one message instead of two or more, which on gloo costs far more than copying the bytes
+// (130 us or more a message on loopback, 2 cores, against 12 us to copy 256 KiB). Each
+// tensor starts at a multiple of 16 bytes, as c10::complex<double> wants.
+constexpr int64_t kPackBytes = 256 * 1024;
+constexpr int64_t kPackAlign = 16;
 // The most tensors one message carries. A message's tags: its header's, then one per
 // tensor where the receiver guessed the tensors' shapes (and posted their receives ahead),
 // then one per tensor where it did not (the receives wait for the header).
@@ -22,7 +32,7 @@ constexpr int64_t kMaxTensors = 16;
 constexpr int64_t kGuessedTags = 1, kUnguessedTags = 1 + kMaxTensors;
 constexpr int64_t kTagsPerMessage = 1 + 2 * kMaxTensors;
 // Header word 5: what the message holds beside its tensors.
-constexpr int64_t kFlatTuple = 1, kGuessed = 2;
+constexpr int64_t kFlatTuple = 1;
 // How many messages beyond the one it is taking a receiver has posted receives for.
 constexpr size_t kAhead = 3;
 // Record fields, after the kind in word 0.
@@ -87,6 +97,48 @@ const char* phase_word(int64_t phase) {
 
 }  // namespace
 
+ProcessGroupTransport::Layout ProcessGroupTransport::Layout::of(std::vector<int64_t> words) {
+  Layout layout;
+  const int64_t* w = words.data();
+  const int64_t n = w[0];
+  layout.tuple = (w[1] & kFlatTuple) != 0;
+  layout.needs_grad.resize(static_cast<size_t>(n));
+  int64_t bytes = 0;
+  size_t at = 2;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t dtype = w[at++];
+    layout.needs_grad[j] = w[at++] != 0;
+    const int64_t dims = w[at++];
+    std::vector<int64_t> shape(w + at, w + at + dims);
+    at += dims;
+    if (dtype < 0) continue;
+    const int64_t start = (bytes + kPackAlign - 1) / kPackAlign * kPackAlign;
+    bytes = start + c10::multiply_integers(shape) *
+                        static_cast<int64_t>(c10::elementSize(static_cast<at::ScalarType>(dtype)));
+    layout.offsets.push_back(start);
+    layout.shapes.emplace_back(dtype, std::move(shape));
+    layout.defined.push_back(static_cast<size_t>(j));
+  }
+  layout.packed = bytes <= kPackBytes;
+  layout.packed_bytes = kPrefixBytes + bytes;
+  layout.words = std::move(words);
+  return layout;
+}
+
+int64_t ProcessGroupTransport::Layout::fingerprint(const Message& message) const {
+  // FNV-1a over the message's place and its layout's words.
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&h](int64_t v) {
+    h ^= static_cast<uint64_t>(v);
+    h *= 1099511628211ull;
+  };
+  mix(static_cast<int64_t>(message.phase));
+  mix(message.from_stage);
+  mix(message.micro_batch);
+  for (int64_t v : words) mix(v);
+  return static_cast<int64_t>(h);
+}
+
 at::Tensor ProcessGroupTransport::Record::encode(int64_t kind) const {
   at::Tensor header = at::zeros({kWords}, at::kLong);
   int64_t* w = header.data_ptr<int64_t>();
@@ -109,8 +161,7 @@ int64_t ProcessGroupTransport::Record::words() const {
   return kTextStart + (n + static_cast<int64_t>(sizeof(int64_t)) - 1) / sizeof(int64_t);
 }
 
-ProcessGroupTransport::Record ProcessGroupTransport::Record::decode(const at::Tensor& header) {
-  const int64_t* w = header.data_ptr<int64_t>();
+ProcessGroupTransport::Record ProcessGroupTransport::Record::decode(const int64_t* w) {
   Record r;
   r.failed = w[1] != 0;
   r.lost = w[1] == 2;
@@ -285,7 +336,7 @@ std::vector<ProcessGroupTransport::Record> ProcessGroupTransport::exchange(const
   }
   std::vector<Record> records;
   for (int r = 0; r < ranks_; ++r) {
-    records.push_back(r == rank_ ? mine : Record::decode(received[r]));
+    records.push_back(r == rank_ ? mine : Record::decode(received[r].data_ptr<int64_t>()));
   }
   return records;
 }
@@ -330,7 +381,7 @@ void ProcessGroupTransport::begin(Step& step, const Schedule& schedule) {
       if (!thread) {
         thread = std::make_unique<WorkerThread>("shardpipe_rx" + std::to_string(from));
       }
-      auto* known = &received_shapes_[from];
+      auto* known = &received_layouts_[from];
       const uint64_t sequence = incoming_sequence_[from];
       incoming_sequence_[from] += messages.size();
       ++receiving_;
@@ -355,12 +406,14 @@ void ProcessGroupTransport::abort_all(const std::vector<c10::intrusive_ptr<c10d:
 }
 
 void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Message> messages,
-                                        uint64_t sequence, std::map<MessageKey, Shapes>& known) {
-  // A message's receives, posted ahead: its header, and its tensors where a guess exists.
+                                        uint64_t sequence, std::map<MessageKey, Layout>& known) {
+  // A message's receives, posted ahead: its header's (or, when its layout is guessed, the
+  // prefix's, with the tensors after it if they go packed), and its tensors' where they are
+  // guessed and do not.
   struct Posted {
-    at::Tensor header;
+    at::Tensor header;  // int64 words, or bytes where packed
     c10::intrusive_ptr<c10d::Work> header_work;
-    std::optional<Shapes> guess;
+    std::optional<Layout> guess;
     std::vector<at::Tensor> guessed;
     std::vector<c10::intrusive_ptr<c10d::Work>> guessed_works;
   };
@@ -372,16 +425,22 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
     for (; posted < std::min(until, messages.size()); ++posted) {
       Posted p;
       const uint64_t seq = sequence + posted;
-      std::vector<at::Tensor> header{at::empty({kWords}, at::kLong)};
-      p.header = header[0];
-      p.header_work = start(from, [&] { return group_->recv(header, from, tag_of(seq, 0)); });
       if (short_messages_) {
         auto found = known.find(key_of(messages[posted]));
         if (found != known.end()) p.guess = found->second;
       }
-      if (p.guess) {
-        for (size_t i = 0; i < p.guess->size(); ++i) {
-          const auto& [dtype, shape] = (*p.guess)[i];
+      // Where the tensors go packed, the first receive also holds a whole header in case
+      // the guess is wrong.
+      std::vector<at::Tensor> header{
+          p.guess && p.guess->packed
+              ? receive_pool_.empty(
+                    {std::max<int64_t>(p.guess->packed_bytes, kWords * sizeof(int64_t))}, at::kByte)
+              : at::empty({kWords}, at::kLong)};
+      p.header = header[0];
+      p.header_work = start(from, [&] { return group_->recv(header, from, tag_of(seq, 0)); });
+      if (p.guess && !p.guess->packed) {
+        for (size_t i = 0; i < p.guess->shapes.size(); ++i) {
+          const auto& [dtype, shape] = p.guess->shapes[i];
           std::vector<at::Tensor> part{
               receive_pool_.empty(shape, static_cast<at::ScalarType>(dtype))};
           p.guessed.push_back(part[0]);
@@ -408,9 +467,9 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
       // A failure record is not progress: a peer that gave up on a third rank must not restart
       // this rank's clock on the channels that still wait for that third rank.
       wait(p.header_work, what, /*progress=*/false);
-      const int64_t* w = p.header.data_ptr<int64_t>();
+      const auto* w = static_cast<const int64_t*>(p.header.data_ptr());
       if (w[0] == kFailure) {
-        Record record = Record::decode(p.header);
+        Record record = Record::decode(w);
         {
           std::lock_guard<std::mutex> lock(receive_mutex_);
           if (!peer_failure_) peer_failure_ = record;
@@ -427,43 +486,55 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         continue;
       }
       note_progress();
-      TORCH_CHECK(w[0] == kData && w[1] == static_cast<int64_t>(expected.phase) &&
-                      w[2] == expected.from_stage && w[3] == expected.micro_batch,
-                  "shardpipe: rank ", rank_, " received a message from rank ", from,
-                  " out of the schedule's order (a bug in shardpipe)");
-      const int64_t n = w[4];
-      StructurePtr structure = (w[5] & kFlatTuple) ? flat_tuple() : nullptr;
-      const bool guessed = (w[5] & kGuessed) != 0;
-      Activations tensors(static_cast<size_t>(n));
-      std::vector<bool> needs_grad(static_cast<size_t>(n));
-      Shapes shapes;
-      std::vector<int64_t> defined;  // positions of the defined tensors
-      int64_t at = 6;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t dtype = w[at++];
-        needs_grad[j] = w[at++] != 0;
-        const int64_t dims = w[at++];
-        std::vector<int64_t> shape(w + at, w + at + dims);
-        at += dims;
-        if (dtype < 0) continue;
-        shapes.emplace_back(dtype, std::move(shape));
-        defined.push_back(j);
-      }
+      const bool as_guessed = w[0] == kAsGuessed;
       // Both ends keep the same record of what was sent, so they agree on the guess; a
       // disagreement is a bug, and it must not pass as data received into the wrong shapes.
-      TORCH_CHECK(!guessed || (p.guess && *p.guess == shapes), "shardpipe: rank ", rank_,
-                  " and rank ", from,
-                  " disagree on the shapes guessed for a message (a bug in shardpipe)");
-      for (auto& work : p.guessed_works) wait(work, what);  // the tensors, or voids
-      if (guessed) {
-        for (size_t i = 0; i < defined.size(); ++i) tensors[defined[i]] = p.guessed[i];
+      TORCH_CHECK(!as_guessed || (p.guess && w[1] == p.guess->fingerprint(expected)),
+                  "shardpipe: rank ", rank_, " and rank ", from,
+                  " disagree on the layout guessed for a message, or it came out of the "
+                  "schedule's order (a bug in shardpipe)");
+      TORCH_CHECK(as_guessed || (w[0] == kData && w[1] == static_cast<int64_t>(expected.phase) &&
+                                 w[2] == expected.from_stage && w[3] == expected.micro_batch),
+                  "shardpipe: rank ", rank_, " received a message from rank ", from,
+                  " out of the schedule's order (a bug in shardpipe)");
+      Layout layout;
+      if (as_guessed) {
+        layout = std::move(*p.guess);
       } else {
+        int64_t end = 6;
+        for (int64_t j = 0; j < w[4] && end < kWords; ++j) end += 3 + w[end + 2];
+        TORCH_CHECK(end <= kWords, "shardpipe: rank ", rank_,
+                    " received a malformed header from rank ", from, " (a bug in shardpipe)");
+        layout = Layout::of(std::vector<int64_t>(w + 4, w + end));
+        // Kept before anything else can fail, as the sender kept it once it sent the header.
+        if (short_messages_) known[key_of(expected)] = layout;
+      }
+      Activations tensors(layout.needs_grad.size());
+      if (as_guessed && layout.packed) {
+        // Each tensor its own storage (kept alive by the message's): views of one buffer
+        // would share a version counter, so an in-place change to one would count as a
+        // change to the others saved for backward.
+        auto* base = static_cast<uint8_t*>(p.header.data_ptr());
+        for (size_t i = 0; i < layout.defined.size(); ++i) {
+          const auto& [dtype, shape] = layout.shapes[i];
+          tensors[layout.defined[i]] = at::from_blob(
+              base + kPrefixBytes + layout.offsets[i], shape, [keep = p.header](void*) {},
+              at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype)));
+        }
+      } else {
+        for (auto& work : p.guessed_works) wait(work, what);  // the tensors, or voids
+      }
+      if (as_guessed && !layout.packed) {
+        for (size_t i = 0; i < layout.defined.size(); ++i) {
+          tensors[layout.defined[i]] = p.guessed[i];
+        }
+      } else if (!as_guessed) {
         std::vector<c10::intrusive_ptr<c10d::Work>> works;
-        for (size_t i = 0; i < defined.size(); ++i) {
-          const auto& [dtype, shape] = shapes[i];
+        for (size_t i = 0; i < layout.defined.size(); ++i) {
+          const auto& [dtype, shape] = layout.shapes[i];
           std::vector<at::Tensor> part{
               receive_pool_.empty(shape, static_cast<at::ScalarType>(dtype))};
-          tensors[defined[i]] = part[0];
+          tensors[layout.defined[i]] = part[0];
           works.push_back(start(from, [&] {
             return group_->recv(part, from,
                                 tag_of(sequence + k, kUnguessedTags + static_cast<int64_t>(i)));
@@ -471,7 +542,8 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         }
         for (auto& work : works) wait(work, what);
       }
-      if (short_messages_) known[key_of(expected)] = std::move(shapes);
+      StructurePtr structure = layout.tuple ? flat_tuple() : nullptr;
+      std::vector<bool> needs_grad = std::move(layout.needs_grad);
       std::lock_guard<std::mutex> lock(step.mutex);
       Slot& slot = step.at(expected.to_stage, expected.micro_batch);
       if (expected.phase == Phase::kForward) {
@@ -532,8 +604,6 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
   w[3] = message.micro_batch;
   w[4] = static_cast<int64_t>(tensors.size());
   int64_t at = 6;
-  std::vector<at::Tensor> data;
-  Shapes shapes;
   for (size_t j = 0; j < tensors.size(); ++j) {
     const at::Tensor& t = tensors[j];
     const int64_t dims = t.defined() ? t.dim() : 0;
@@ -547,26 +617,46 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
     TORCH_CHECK_VALUE(t.device().is_cpu(), "shardpipe: stage ", message.from_stage, "'s ", what,
                       " is on ", t.device(),
                       "; between ranks only CPU tensors travel so far (gloo)");
-    data.push_back(t.detach().contiguous());
-    shapes.emplace_back(static_cast<int64_t>(t.scalar_type()), t.sizes().vec());
   }
-  // The receiver guessed this message's shapes from the last time it came (and posted its
-  // receives ahead) when that is in the record both ends keep.
-  const Shapes* guess = guess_for(to, message);
-  const bool guessed = guess && *guess == shapes;
-  w[5] = (structure ? kFlatTuple : 0) | (guessed ? kGuessed : 0);
-  header = sendable(header, at);
+  w[5] = structure ? kFlatTuple : 0;
+  Layout layout = Layout::of(std::vector<int64_t>(w + 4, w + at));
+  std::vector<at::Tensor> data;
+  for (size_t j : layout.defined) data.push_back(tensors[j].detach());
+  // The receiver guessed this message's layout from the last time it came (and posted its
+  // receives ahead for it) when that is in the record both ends keep.
+  const Layout* guess = guess_for(to, message);
+  const bool as_guessed = guess && guess->words == layout.words;
+  at::Tensor first_part;  // the header, the prefix, or the prefix with the tensors packed
+  if (as_guessed && layout.packed) {
+    first_part = at::empty({layout.packed_bytes}, at::kByte);
+    auto* base = static_cast<uint8_t*>(first_part.data_ptr());
+    for (size_t i = 0; i < data.size(); ++i) {
+      at::from_blob(base + kPrefixBytes + layout.offsets[i], data[i].sizes(), data[i].options())
+          .copy_(data[i]);
+    }
+    data.clear();
+  } else if (as_guessed) {
+    first_part = at::empty({2}, at::kLong);
+  } else {
+    first_part = sendable(header, at);
+    for (auto& t : data) t = t.contiguous();
+  }
+  if (as_guessed) {
+    auto* prefix = static_cast<int64_t*>(first_part.data_ptr());
+    prefix[0] = kAsGuessed;
+    prefix[1] = layout.fingerprint(message);
+  }
   const uint64_t sequence = channel.sequence + channel.next;
   channel.next++;
   note_progress();  // this rank got on: its peers' silence is measured from here
-  count_sent(header);
+  count_sent(first_part);
   for (const auto& t : data) count_sent(t);
-  std::vector<at::Tensor> head{header};
+  std::vector<at::Tensor> head{first_part};
   std::lock_guard<std::mutex> lock(sends_mutex_);
   auto first = start(to, [&] { return group_->send(head, to, tag_of(sequence, 0)); });
-  sends_.push_back({first, {header}, to});
-  if (guess && !guessed) send_voids(to, sequence, guess->size());
-  const int64_t base = guessed ? kGuessedTags : kUnguessedTags;
+  sends_.push_back({first, {first_part}, to});
+  if (guess && !guess->packed && !as_guessed) send_voids(to, sequence, guess->shapes.size());
+  const int64_t base = as_guessed ? kGuessedTags : kUnguessedTags;
   for (size_t i = 0; i < data.size(); ++i) {
     std::vector<at::Tensor> one{data[i]};
     sends_.push_back({start(to,
@@ -576,7 +666,7 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
                             }),
                       one, to});
   }
-  if (short_messages_) sent_shapes_[to][key_of(message)] = std::move(shapes);
+  if (short_messages_ && !as_guessed) sent_layouts_[to][key_of(message)] = std::move(layout);
   // Finished sends let go of their tensors now, not at the end of the phase.
   sends_.erase(std::remove_if(sends_.begin(), sends_.end(),
                               [](const Pending& p) { return p.work->isCompleted(); }),
@@ -584,7 +674,7 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
 }
 
 void ProcessGroupTransport::send_record(int to, Outgoing& channel, const Record& record) {
-  const Shapes* guess = guess_for(to, channel.messages[channel.next]);
+  const Layout* guess = guess_for(to, channel.messages[channel.next]);
   const uint64_t sequence = channel.sequence + channel.next;
   channel.next++;
   at::Tensor header = sendable(record.encode(kFailure), record.words());
@@ -593,13 +683,13 @@ void ProcessGroupTransport::send_record(int to, Outgoing& channel, const Record&
   std::lock_guard<std::mutex> lock(sends_mutex_);
   sends_.push_back(
       {start(to, [&] { return group_->send(head, to, tag_of(sequence, 0)); }), {header}, to});
-  if (guess) send_voids(to, sequence, guess->size());
+  if (guess && !guess->packed) send_voids(to, sequence, guess->shapes.size());
 }
 
-const ProcessGroupTransport::Shapes* ProcessGroupTransport::guess_for(
+const ProcessGroupTransport::Layout* ProcessGroupTransport::guess_for(
     int to, const Message& message) const {
-  auto channel = sent_shapes_.find(to);
-  if (!short_messages_ || channel == sent_shapes_.end()) return nullptr;
+  auto channel = sent_layouts_.find(to);
+  if (!short_messages_ || channel == sent_layouts_.end()) return nullptr;
   auto found = channel->second.find(key_of(message));
   return found == channel->second.end() ? nullptr : &found->second;
 }

@@ -29,13 +29,16 @@ namespace shardpipe {
 // `channel_plan` gives, which both ends read from the same Schedule: deadlock-free by
 // construction, and checked on paper (`check_channels`) before a schedule first runs.
 //
-// Every message is a header (kind, micro-batch, per tensor its dtype, shape and whether its
-// producer wants a gradient) followed by the tensors, so shapes and dtypes may change from
-// micro-batch to micro-batch. One receiver thread per peer posts receives a few messages
-// ahead of the tasks that need them: each header's, and its tensors' with the shapes that
-// message carried last time (a sender whose shapes differ answers those with empty messages
-// and sends on other tags). It receives into blocks of a ReceivePool and delivers into the
-// step's slots.
+// A message whose layout (per tensor its dtype, shape and whether its producer wants a
+// gradient) differs from the last time it went is a header describing it followed by the
+// tensors, so shapes and dtypes may change from micro-batch to micro-batch. Both ends keep
+// each message's last layout, and one receiver thread per peer posts receives a few messages
+// ahead of the tasks that need them, with that layout as the guess: a message as guessed
+// then carries only a two-word prefix in place of the header, and a small one travels as a
+// single message, prefix and tensors packed together (a sender whose layout differs sends
+// the header in the prefix's place, empty messages for any tensor receives the guess posted,
+// and the tensors on other tags). It receives into blocks of a ReceivePool and delivers into
+// the step's slots.
 //
 // Faults: a phase that fails on one rank still sends every message its peers expect, as a
 // failure record in the header, so they stop waiting at once and the channels stay in step
@@ -97,7 +100,7 @@ class ProcessGroupTransport : public LocalTransport {
 
     at::Tensor encode(int64_t kind) const;
     int64_t words() const;  // how many of the header's words it uses
-    static Record decode(const at::Tensor& header);
+    static Record decode(const int64_t* header);
     // What a peer raises: the failing rank, where it failed, and what it raised.
     std::string message() const;
   };
@@ -114,6 +117,27 @@ class ProcessGroupTransport : public LocalTransport {
 
   // The dtype and shape of each defined tensor of a message, in order.
   using Shapes = std::vector<std::pair<int64_t, std::vector<int64_t>>>;
+  // What a message holds, as its header's words from the fifth on describe it: the number of
+  // tensors, whether they form a flat tuple, and per tensor its dtype (-1: undefined),
+  // whether its producer wants its gradient, and its shape. Both ends of a channel keep each
+  // message's last one; the receiver posts its receives with it as the guess.
+  struct Layout {
+    std::vector<int64_t> words;
+    bool tuple = false;
+    std::vector<bool> needs_grad;  // per tensor
+    std::vector<size_t> defined;   // the positions of the defined tensors
+    Shapes shapes;                 // theirs
+    // Whether the message goes packed (prefix and tensors as one message, when its tensors'
+    // bytes are few), and then where each defined tensor starts and the message's length.
+    bool packed = false;
+    std::vector<int64_t> offsets;
+    int64_t packed_bytes = 0;
+
+    static Layout of(std::vector<int64_t> words);
+    // What a message as guessed carries in place of its header, to catch a disagreement
+    // between the two ends' records (a bug) instead of filling the wrong shapes.
+    int64_t fingerprint(const Message& message) const;
+  };
   // A message's place in every phase that sends it: (phase, from stage, micro-batch).
   using MessageKey = std::tuple<int, int, int>;
   static MessageKey key_of(const Message& m) {
@@ -121,9 +145,9 @@ class ProcessGroupTransport : public LocalTransport {
   }
 
   bool remote(int stage) const { return placement_.worker_of(stage) != rank_; }
-  // The shapes the receiver `to` guessed for `message`: those it carried last time, if any
+  // The layout the receiver `to` guessed for `message`: the one it had last time, if any
   // (null if none); valid until the next send to `to`.
-  const Shapes* guess_for(int to, const Message& message) const;
+  const Layout* guess_for(int to, const Message& message) const;
   // Empty messages for the receives a wrong guess posted (sends_mutex_ held).
   void send_voids(int to, uint64_t sequence, size_t count);
   static void abort_all(const std::vector<c10::intrusive_ptr<c10d::Work>>& works);
@@ -137,7 +161,7 @@ class ProcessGroupTransport : public LocalTransport {
   // Takes a phase's messages from `from`, in order; `known`: what each message carried the
   // last time it came from there (the guesses), which only this peer's thread touches.
   void receive_all(Step& step, int from, std::vector<Message> messages, uint64_t sequence,
-                   std::map<MessageKey, Shapes>& known);
+                   std::map<MessageKey, Layout>& known);
   Record failure_of(Step& step);
   // Every rank's record, in rank order (a collective of the group, bounded by the timeout).
   std::vector<Record> exchange(const Record& mine);
@@ -160,14 +184,14 @@ class ProcessGroupTransport : public LocalTransport {
   int ranks_ = 1;
   std::chrono::milliseconds timeout_;
   // Whether the backend takes a message shorter than its receive (short_messages()). Then
-  // headers go as short as they are, and receivers guess a message's shapes from the last
-  // time it came, posting its tensors' receives ahead with the header's: a wrong guess is
-  // answered by empty messages.
+  // headers go as short as they are, and receivers guess a message's layout from the last
+  // time it came, posting its receives ahead for it: a message as guessed needs no header,
+  // and one guessed wrong still fits the receive posted for the packed one or the prefix.
   bool short_messages_ = false;
-  // Per peer, what each message carried the last time it went (sent_shapes_, by the senders)
-  // or came (received_shapes_, by that peer's receiver thread): both ends keep the same.
-  std::map<int, std::map<MessageKey, Shapes>> sent_shapes_;
-  std::map<int, std::map<MessageKey, Shapes>> received_shapes_;
+  // Per peer, each message's last layout as it went (sent_layouts_, by the senders) or came
+  // (received_layouts_, by that peer's receiver thread): both ends keep the same.
+  std::map<int, std::map<MessageKey, Layout>> sent_layouts_;
+  std::map<int, std::map<MessageKey, Layout>> received_layouts_;
   std::atomic<uint64_t> bytes_sent_{0};
   // Set by whichever thread saw a wait expire; read by all.
   std::atomic<bool> broken_{false};
