@@ -85,6 +85,17 @@ def train_and_compare(pipe, baseline, x, y, steps=2):
         base_opt.step()
 
 
+def step_from_zero_gradients_and_compare(pipe, baseline, x, y):
+    """One step of both from no gradients: the same loss and gradients."""
+    for p in list(pipe.parameters()) + list(baseline.parameters()):
+        p.grad = None
+    loss = pipe.train_step(x, y, mse)
+    expected = mse(baseline(x), y)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    expect_same_gradients(pipe, baseline)
+
+
 # --- checks (each runs on every rank) ---------------------------------------------------
 
 
@@ -112,32 +123,32 @@ def check_uneven_batches_and_changing_shapes(rank, world):
     for x in (same(7, 6), same(7, 6, seed=6), same(2, 6, seed=3), same(5, 4, 6, seed=4),
               same(5, 9, 6, seed=5), same(5, 9, 6, seed=7), same(7, 6, seed=8)):
         y = torch.zeros_like(x)
-        for p in list(pipe.parameters()) + list(baseline.parameters()):
-            p.grad = None
-        loss = pipe.train_step(x, y, mse)
-        expected = mse(baseline(x), y)
-        expected.backward()
-        torch.testing.assert_close(loss, expected.detach())
-        expect_same_gradients(pipe, baseline)
+        step_from_zero_gradients_and_compare(pipe, baseline, x, y)
+
+
+class Strided(nn.Module):
+    """x itself, as a view that is not contiguous (every other element of [x, x] interleaved)."""
+
+    def forward(self, x):
+        return torch.stack([x, x], dim=2)[:, :, 0]
 
 
 def check_hand_offs_above_and_below_the_packing_size(rank, world):
     # Width 256, 2 micro-batches: 300 rows a micro-batch are 300 KiB a hand-off (as guessed: a
     # two-word prefix, then the tensor, apart), 32 rows 32 KiB (packed into one message with
     # the prefix). Each change of size is a wrong guess of the other kind: empty messages
-    # answer the tensor receives, or the header fills the packed one.
-    model = mlp(world, width=256)
+    # answer the tensor receives, or the header fills the packed one. What crosses down is a
+    # strided view, which each path must send as its values.
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(world):
+        layers += [nn.Linear(256, 256), nn.Tanh(), Strided()]
+    model = nn.Sequential(*layers)
     baseline = copy.deepcopy(model)
-    pipe = pipeline(model, chunks=2, schedule="1f1b")
+    pipe = pipeline(model, chunks=2, schedule="1f1b", balance=[3] * world)
     for seed, rows in enumerate((600, 600, 64, 64, 600, 600, 64)):
         x, y = same(rows, 256, seed=seed), same(rows, 256, seed=seed + 10)
-        for p in list(pipe.parameters()) + list(baseline.parameters()):
-            p.grad = None
-        loss = pipe.train_step(x, y, mse)
-        expected = mse(baseline(x), y)
-        expected.backward()
-        torch.testing.assert_close(loss, expected.detach())
-        expect_same_gradients(pipe, baseline)
+        step_from_zero_gradients_and_compare(pipe, baseline, x, y)
     pipe.close()
 
 
@@ -158,45 +169,6 @@ def check_repeated_layouts_send_only_a_prefix_beside_the_tensors(rank, world):
     records = 2 * (world - 1) * 9 * 8
     assert third - second == tensor_bytes + 16 * messages + records
     assert second - first > third - second  # the first step's headers
-    pipe.close()
-
-
-class WithMask(nn.Module):
-    """Returns (x, a mask that needs no gradient)."""
-
-    def forward(self, x):
-        return x, torch.ones(x.shape[0], 1)
-
-
-class PassMask(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(4, 4)
-
-    def forward(self, pair):
-        x, mask = pair
-        return self.linear(x), mask
-
-
-class ScaleMaskInPlace(nn.Module):
-    """Saves x for backward, then changes the mask in place: were the two tensors of one
-    message views of one buffer, the mask's change would count as a change to x."""
-
-    def forward(self, pair):
-        x, mask = pair
-        h = x * x
-        mask.mul_(2)
-        return h * mask
-
-
-def check_a_received_tensor_changed_in_place_leaves_the_others_alone(rank, world):
-    torch.manual_seed(0)
-    layers = [nn.Linear(4, 4), WithMask()] + [PassMask() for _ in range(world - 2)]
-    layers += [ScaleMaskInPlace(), nn.Linear(4, 4)]
-    model = nn.Sequential(*layers)
-    baseline = copy.deepcopy(model)
-    pipe = pipeline(model, chunks=2, balance=[2] + [1] * (world - 2) + [2])
-    train_and_compare(pipe, baseline, same(4, 4), same(4, 4, seed=2), steps=3)
     pipe.close()
 
 
@@ -271,20 +243,50 @@ class AsDict(nn.Module):
         return {"x": x}
 
 
-def check_tuples_cross_and_nested_values_are_refused(rank, world):
+def train_a_model_that_passes_tuples(world, first, last, steps):
+    """[Linear, first] on the first rank, a PairLinear on each middle one, [last, Linear] on
+    the last: a 2-tuple crosses every rank boundary."""
     torch.manual_seed(0)
-    layers = [nn.Linear(4, 4), Pair()] + [PairLinear() for _ in range(world - 2)]
-    layers += [Join(), nn.Linear(4, 4)]
+    layers = [nn.Linear(4, 4), first] + [PairLinear() for _ in range(world - 2)]
+    layers += [last, nn.Linear(4, 4)]
     model = nn.Sequential(*layers)
     baseline = copy.deepcopy(model)
     pipe = pipeline(model, chunks=2, balance=[2] + [1] * (world - 2) + [2])
-    train_and_compare(pipe, baseline, same(4, 4), same(4, 4, seed=2), steps=1)
+    train_and_compare(pipe, baseline, same(4, 4), same(4, 4, seed=2), steps=steps)
+    pipe.close()
+
+
+def check_tuples_cross_and_nested_values_are_refused(rank, world):
+    train_a_model_that_passes_tuples(world, Pair(), Join(), steps=1)
 
     model = nn.Sequential(nn.Linear(4, 4), AsDict(), *[nn.Identity() for _ in range(world - 1)])
     pipe = pipeline(model, chunks=2, balance=[2] + [1] * (world - 1))
     expected = TypeError if rank == 0 else RuntimeError
     with pytest.raises(expected, match="flat tuple of Tensors|rank 0 failed"):
         pipe.train_step(same(4, 4), same(4, 4), lambda out, y: out.sum())
+
+
+class WithMask(nn.Module):
+    """Returns (x, a mask that needs no gradient)."""
+
+    def forward(self, x):
+        return x, torch.ones(x.shape[0], 1)
+
+
+class ScaleMaskInPlace(nn.Module):
+    """Saves x for backward, then changes the mask in place: were the two tensors of one
+    message views of one buffer, the mask's change would count as a change to x."""
+
+    def forward(self, pair):
+        x, mask = pair
+        h = x * x
+        mask.mul_(2)
+        return h * mask
+
+
+def check_a_received_tensor_changed_in_place_leaves_the_others_alone(rank, world):
+    # From the second step on, the tuple goes packed into one message.
+    train_a_model_that_passes_tuples(world, WithMask(), ScaleMaskInPlace(), steps=3)
 
 
 def check_state_dicts(rank, world):

@@ -635,11 +635,9 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
           .copy_(data[i]);
     }
     data.clear();
-  } else if (as_guessed) {
-    first_part = at::empty({2}, at::kLong);
   } else {
-    first_part = sendable(header, at);
-    for (auto& t : data) t = t.contiguous();
+    first_part = as_guessed ? at::empty({2}, at::kLong) : sendable(header, at);
+    for (auto& t : data) t = t.contiguous();  // gloo sends a contiguous tensor's memory
   }
   if (as_guessed) {
     auto* prefix = static_cast<int64_t*>(first_part.data_ptr());
