@@ -33,7 +33,12 @@ constexpr int64_t kGuessedTags = 1, kUnguessedTags = 1 + kMaxTensors;
 constexpr int64_t kTagsPerMessage = 1 + 2 * kMaxTensors;
 // Header word 5: what the message holds beside its tensors.
 constexpr int64_t kFlatTuple = 1;
-// How many messages beyond the one it is taking a receiver has posted receives for.
+// How many messages beyond the one it is taking a receiver has posted receives for, in a phase
+// with backward messages. A receive posted ahead holds its tensors' memory, and a 1F1B-like
+// schedule is there to bound how many micro-batches a stage holds; a forward-only phase
+// (`pipe(x)` without autograd) frees each input once used, so there every receive is posted
+// at once: a send whose receive is not posted yet waits a round trip for it (1 MiB hand-offs
+// went from about 1.8x raw gloo to about 1.2x on the 2-core VM).
 constexpr size_t kAhead = 3;
 // Record fields, after the kind in word 0.
 constexpr int64_t kTextStart = 9;
@@ -368,6 +373,10 @@ void ProcessGroupTransport::begin(Step& step, const Schedule& schedule) {
     found = plans_.emplace(&schedule, std::move(plan)).first;
   }
   outgoing_.clear();
+  bool forward_only = true;
+  for (const auto& [channel, messages] : found->second) {
+    for (const auto& m : messages) forward_only = forward_only && m.phase == Phase::kForward;
+  }
   std::lock_guard<std::mutex> lock(receive_mutex_);
   for (const auto& [channel, messages] : found->second) {
     const auto [from, to] = channel;
@@ -385,8 +394,9 @@ void ProcessGroupTransport::begin(Step& step, const Schedule& schedule) {
       const uint64_t sequence = incoming_sequence_[from];
       incoming_sequence_[from] += messages.size();
       ++receiving_;
-      thread->post([this, &step, from, messages, sequence, known] {
-        receive_all(step, from, messages, sequence, *known);
+      thread->post([this, &step, from, messages, sequence, known, forward_only] {
+        receive_all(step, from, messages, sequence, forward_only ? messages.size() : kAhead,
+                    *known);
         std::lock_guard<std::mutex> done(receive_mutex_);
         --receiving_;
         received_.notify_all();
@@ -406,7 +416,8 @@ void ProcessGroupTransport::abort_all(const std::vector<c10::intrusive_ptr<c10d:
 }
 
 void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Message> messages,
-                                        uint64_t sequence, std::map<MessageKey, Layout>& known) {
+                                        uint64_t sequence, size_t depth,
+                                        std::map<MessageKey, Layout>& known) {
   // A message's receives, posted ahead: its header's (or, when its layout is guessed, the
   // prefix's, with the tensors after it if they go packed), and its tensors' where they are
   // guessed and do not.
@@ -461,7 +472,7 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         std::to_string(expected.micro_batch) + " from rank " + std::to_string(from);
     Posted p;
     try {
-      post_until(k + 1 + kAhead);
+      post_until(k + 1 + depth);
       p = std::move(ahead.front());
       ahead.pop_front();
       // A failure record is not progress: a peer that gave up on a third rank must not restart

@@ -158,10 +158,11 @@ class ProcessGroupTransport : public LocalTransport {
   // its receive (the receiver always posts kWords), else whole.
   at::Tensor sendable(const at::Tensor& header, int64_t words) const;
   void count_sent(const at::Tensor& t);
-  // Takes a phase's messages from `from`, in order; `known`: what each message carried the
-  // last time it came from there (the guesses), which only this peer's thread touches.
+  // Takes a phase's messages from `from`, in order, with receives posted for `depth` messages
+  // beyond the one it is taking; `known`: what each message carried the last time it came
+  // from there (the guesses), which only this peer's thread touches.
   void receive_all(Step& step, int from, std::vector<Message> messages, uint64_t sequence,
-                   std::map<MessageKey, Layout>& known);
+                   size_t depth, std::map<MessageKey, Layout>& known);
   Record failure_of(Step& step);
   // Every rank's record, in rank order (a collective of the group, bounded by the timeout).
   std::vector<Record> exchange(const Record& mine);
