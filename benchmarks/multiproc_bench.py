@@ -79,16 +79,14 @@ def interleaved_medians(fns, steps, rounds):
     return [(statistics.median(w), statistics.median(c)) for w, c in zip(walls, cpus)]
 
 
-def slowest(seconds):
+def across_ranks(seconds, op):
     t = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return t.item()
 
 
-def both_ranks(seconds):
-    t = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item()
+slowest = functools.partial(across_ranks, op=dist.ReduceOp.MAX)
+both_ranks = functools.partial(across_ranks, op=dist.ReduceOp.SUM)
 
 
 def forward_no_grad(pipe, x):

@@ -370,15 +370,16 @@ void ProcessGroupTransport::begin(Step& step, const Schedule& schedule) {
     const std::string problem = check_channels(schedule, plan);
     TORCH_CHECK(problem.empty(),
                 "shardpipe: the schedule's messages between ranks do not match: ", problem);
-    found = plans_.emplace(&schedule, std::move(plan)).first;
+    bool forward_only = true;
+    for (const auto& [channel, messages] : plan) {
+      for (const auto& m : messages) forward_only = forward_only && m.phase == Phase::kForward;
+    }
+    found = plans_.emplace(&schedule, CheckedPlan{std::move(plan), forward_only}).first;
   }
   outgoing_.clear();
-  bool forward_only = true;
-  for (const auto& [channel, messages] : found->second) {
-    for (const auto& m : messages) forward_only = forward_only && m.phase == Phase::kForward;
-  }
+  const bool forward_only = found->second.forward_only;
   std::lock_guard<std::mutex> lock(receive_mutex_);
-  for (const auto& [channel, messages] : found->second) {
+  for (const auto& [channel, messages] : found->second.channels) {
     const auto [from, to] = channel;
     if (from == rank_) {
       Outgoing& out = outgoing_[to];
@@ -532,14 +533,13 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
               base + kPrefixBytes + layout.offsets[i], shape, [keep = p.header](void*) {},
               at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype)));
         }
-      } else {
-        for (auto& work : p.guessed_works) wait(work, what);  // the tensors, or voids
-      }
-      if (as_guessed && !layout.packed) {
+      } else if (as_guessed) {
+        for (auto& work : p.guessed_works) wait(work, what);
         for (size_t i = 0; i < layout.defined.size(); ++i) {
           tensors[layout.defined[i]] = p.guessed[i];
         }
-      } else if (!as_guessed) {
+      } else {
+        for (auto& work : p.guessed_works) wait(work, what);  // the sender's voids, if any
         std::vector<c10::intrusive_ptr<c10d::Work>> works;
         for (size_t i = 0; i < layout.defined.size(); ++i) {
           const auto& [dtype, shape] = layout.shapes[i];
@@ -630,13 +630,16 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
                       "; between ranks only CPU tensors travel so far (gloo)");
   }
   w[5] = structure ? kFlatTuple : 0;
-  Layout layout = Layout::of(std::vector<int64_t>(w + 4, w + at));
-  std::vector<at::Tensor> data;
-  for (size_t j : layout.defined) data.push_back(tensors[j].detach());
   // The receiver guessed this message's layout from the last time it came (and posted its
   // receives ahead for it) when that is in the record both ends keep.
+  std::vector<int64_t> words(w + 4, w + at);
   const Layout* guess = guess_for(to, message);
-  const bool as_guessed = guess && guess->words == layout.words;
+  const bool as_guessed = guess && guess->words == words;
+  Layout changed;  // a layout the receiver did not guess, kept once sent
+  if (!as_guessed) changed = Layout::of(std::move(words));
+  const Layout& layout = as_guessed ? *guess : changed;
+  std::vector<at::Tensor> data;
+  for (size_t j : layout.defined) data.push_back(tensors[j].detach());
   at::Tensor first_part;  // the header, the prefix, or the prefix with the tensors packed
   if (as_guessed && layout.packed) {
     first_part = at::empty({layout.packed_bytes}, at::kByte);
@@ -664,7 +667,7 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
   std::lock_guard<std::mutex> lock(sends_mutex_);
   auto first = start(to, [&] { return group_->send(head, to, tag_of(sequence, 0)); });
   sends_.push_back({first, {first_part}, to});
-  if (guess && !guess->packed && !as_guessed) send_voids(to, sequence, guess->shapes.size());
+  if (!as_guessed) send_voids(to, sequence, guess);
   const int64_t base = as_guessed ? kGuessedTags : kUnguessedTags;
   for (size_t i = 0; i < data.size(); ++i) {
     std::vector<at::Tensor> one{data[i]};
@@ -675,7 +678,7 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
                             }),
                       one, to});
   }
-  if (short_messages_ && !as_guessed) sent_layouts_[to][key_of(message)] = std::move(layout);
+  if (short_messages_ && !as_guessed) sent_layouts_[to][key_of(message)] = std::move(changed);
   // Finished sends let go of their tensors now, not at the end of the phase.
   sends_.erase(std::remove_if(sends_.begin(), sends_.end(),
                               [](const Pending& p) { return p.work->isCompleted(); }),
@@ -692,7 +695,7 @@ void ProcessGroupTransport::send_record(int to, Outgoing& channel, const Record&
   std::lock_guard<std::mutex> lock(sends_mutex_);
   sends_.push_back(
       {start(to, [&] { return group_->send(head, to, tag_of(sequence, 0)); }), {header}, to});
-  if (guess && !guess->packed) send_voids(to, sequence, guess->shapes.size());
+  send_voids(to, sequence, guess);
 }
 
 const ProcessGroupTransport::Layout* ProcessGroupTransport::guess_for(
@@ -703,10 +706,12 @@ const ProcessGroupTransport::Layout* ProcessGroupTransport::guess_for(
   return found == channel->second.end() ? nullptr : &found->second;
 }
 
-void ProcessGroupTransport::send_voids(int to, uint64_t sequence, size_t count) {
+void ProcessGroupTransport::send_voids(int to, uint64_t sequence, const Layout* guess) {
   // Empty messages complete the receives posted for a wrong guess, which would otherwise stay
   // posted in the connection; gloo's TCP transport takes a message shorter than its receive.
-  for (size_t i = 0; i < count; ++i) {
+  // A packed guess posted no tensor receives: the header fills its one receive.
+  if (!guess || guess->packed) return;
+  for (size_t i = 0; i < guess->shapes.size(); ++i) {
     std::vector<at::Tensor> none{at::empty({0}, at::kByte)};
     sends_.push_back({start(to,
                             [&] {

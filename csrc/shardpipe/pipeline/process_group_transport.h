@@ -148,8 +148,8 @@ class ProcessGroupTransport : public LocalTransport {
   // The layout the receiver `to` guessed for `message`: the one it had last time, if any
   // (null if none); valid until the next send to `to`.
   const Layout* guess_for(int to, const Message& message) const;
-  // Empty messages for the receives a wrong guess posted (sends_mutex_ held).
-  void send_voids(int to, uint64_t sequence, size_t count);
+  // Empty messages for the tensor receives a wrong guess posted, if any (sends_mutex_ held).
+  void send_voids(int to, uint64_t sequence, const Layout* guess);
   static void abort_all(const std::vector<c10::intrusive_ptr<c10d::Work>>& works);
   void send(const Message& message, const Activations& tensors, const StructurePtr& structure,
             const std::vector<bool>& needs_grad);
@@ -199,7 +199,11 @@ class ProcessGroupTransport : public LocalTransport {
   mutable std::mutex broken_mutex_;
   std::string broken_reason_;
 
-  std::map<const Schedule*, ChannelPlan> plans_;  // checked once per schedule
+  struct CheckedPlan {
+    ChannelPlan channels;
+    bool forward_only;  // no backward messages: receivers post every receive at once
+  };
+  std::map<const Schedule*, CheckedPlan> plans_;  // checked once per schedule
   std::map<int, Outgoing> outgoing_;              // per receiving rank, for the running phase
   std::map<int, uint64_t> outgoing_sequence_;     // per receiving rank: messages sent so far
   std::map<int, uint64_t> incoming_sequence_;     // per sending rank: messages taken so far
