@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 failed=0
 if step build 200 env MAX_JOBS=16 SHARDPIPE_WITH_CUDA=1 "$PY" setup.py --quiet build_ext --inplace; then
-  step cuda-tests 120 "$PY" -m pytest tests/python -m cuda -q -p no:cacheprovider || failed=1
+  step cuda-tests 180 "$PY" -m pytest tests/python -m cuda -q -p no:cacheprovider || failed=1
   # GPU benchmarks, one line each; their timeouts keep the whole script under 10 minutes.
   step copy-bench 60 "$PY" benchmarks/copy_bench.py --plot "$OUT/copy_bench.png" || failed=1
   step pipeline-bench 60 "$PY" benchmarks/pipeline_bench.py --repeats 5 --out "$OUT" || failed=1

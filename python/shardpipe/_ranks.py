@@ -29,6 +29,18 @@ def check_group(group, name="group"):
     return group
 
 
+def check_cpu_backend(group):
+    """Refuses a pipeline's ``group`` without a CPU backend: every hand-off between ranks goes
+    through gloo, a CUDA stage's too (through host memory)."""
+    import torch.distributed as dist
+
+    if torch.device("cpu") not in group._device_types:
+        raise ValueError(f"group: its backend ({dist.get_backend(group)}) has no CPU side; a "
+                         "pipeline over ranks hands its tensors over through gloo, also "
+                         "between GPUs: make the group with backend 'cpu:gloo,cuda:nccl' (what "
+                         "dist.init_process_group() without a backend makes) or 'gloo'")
+
+
 def check_orthogonal(group, data_parallel_group):
     """The pipeline's group and its data-parallel group may share only this process: the
     data-parallel peers hold the same stage in other replicas of the pipeline."""
@@ -67,24 +79,25 @@ def mesh_groups(mesh):
 
 def rank_device(devices):
     """This rank's device: ``devices=[d]``, else ``cuda:LOCAL_RANK`` with CUDA, else the CPU.
-    Messages between ranks travel through gloo, which carries CPU tensors only so far."""
+    Between ranks every tensor travels through host memory and the group's CPU backend
+    (gloo), a CUDA stage's too."""
     import os
 
-    if devices is None:
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        else:
-            device = torch.device("cpu")
-    else:
+    if devices is not None:
         listed = as_device_list(devices, "devices")
         if len(listed) != 1:
             raise ValueError(f"devices: with group= give this rank's one device, e.g. "
-                             f"devices=['cpu'], got {len(listed)}")
-        device = listed[0]
-    if device.type != "cpu":
-        raise ValueError(f"devices: a pipeline over ranks runs its stages on the CPU (gloo) so "
-                         f"far, got {device}; pass devices=['cpu']")
-    return device
+                             f"devices=['cuda:0'] or ['cpu'], got {len(listed)}")
+        return listed[0]
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise ValueError(f"devices: this rank's device would be cuda:LOCAL_RANK = cuda:{local}, "
+                         f"but only {count} CUDA device(s) exist; give devices=['cuda:0'] or "
+                         "devices=['cpu']")
+    return torch.device("cuda", local)
 
 
 def _structure_digest(blocks):

@@ -18,10 +18,10 @@ def mesh(dp=None, pp=None, tp=None):
     A dim left out has size 1, except ``dp``, which then takes what the world size leaves
     (``mesh(pp=2)`` on 8 ranks is ``dp=4, pp=2, tp=1``); every dim is in the mesh either way,
     so ``mesh["tp"]`` always works. The product must equal the world size. Uses CUDA (NCCL)
-    when CUDA is available and the default process group (initialised here if it is not yet)
-    is NCCL's, else the CPU (gloo). Give it to ``Pipeline(model, mesh=...)``, and
-    ``mesh["tp"].get_group()`` to :func:`shardpipe.parallelize`. Collective: every rank calls
-    it alike.
+    when CUDA is available and the default process group (initialised here if it is not yet,
+    as ``"cpu:gloo,cuda:nccl"`` with CUDA) has NCCL, else the CPU (gloo). Give it to
+    ``Pipeline(model, mesh=...)``, and ``mesh["tp"].get_group()`` to
+    :func:`shardpipe.parallelize`. Collective: every rank calls it alike.
 
     Example, one process (a world of one rank)::
 
@@ -51,7 +51,9 @@ def mesh(dp=None, pp=None, tp=None):
     if not dist.is_available():
         raise RuntimeError("mesh needs torch.distributed, which this torch build lacks")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # With CUDA both backends: tensor parallel runs on NCCL, a pipeline over ranks hands
+        # its tensors over through gloo.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
     inner = (sizes["pp"] or 1) * (sizes["tp"] or 1)
     if sizes["dp"] is None:

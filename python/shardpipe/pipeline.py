@@ -281,9 +281,13 @@ class Pipeline(nn.Module):
             their ``reset_parameters``. :meth:`train_step` reads the input on the first
             stage's rank and the target on the last's and returns the loss on every rank;
             ``pipe(x)`` runs without autograd (under ``torch.no_grad()`` or in eval mode) and
-            returns the output on the last stage's rank, None elsewhere. Activations and
-            gradients travel as c10d point-to-point messages (gloo, CPU stages); their shapes
-            and dtypes may change between micro-batches. What crosses a rank boundary must be
+            returns the output on the last stage's rank, None elsewhere. This rank's stages
+            run on ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU (``devices=[d]``
+            overrides). Activations and gradients travel as c10d point-to-point messages
+            through the group's CPU backend (gloo; a CUDA stage's through host memory), so
+            the group needs one (``dist.init_process_group()`` without a backend makes
+            ``"cpu:gloo,cuda:nccl"``); their shapes and dtypes may change between
+            micro-batches. What crosses a rank boundary must be
             a Tensor or a flat tuple of at most 16 Tensors. A stage that raises makes every
             rank raise: the failing rank its own exception, the others a ``RuntimeError``
             naming the rank, stage and micro-batch.
@@ -390,6 +394,7 @@ class Pipeline(nn.Module):
         ranks = None
         if group is not None:
             group = _ranks.check_group(group)
+            _ranks.check_cpu_backend(group)
             check_number(timeout, "timeout", minimum=1e-3)
             if data_parallel_group is not None:
                 _ranks.check_orthogonal(group, data_parallel_group)

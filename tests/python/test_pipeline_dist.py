@@ -259,14 +259,25 @@ def train_a_model_that_passes_tuples(world, first, last, steps):
     pipe.close()
 
 
-def check_tuples_cross_and_nested_values_are_refused(rank, world):
+class ToSparse(nn.Module):
+    def forward(self, x):
+        return x.to_sparse()
+
+
+def check_tuples_cross_and_nested_values_and_sparse_tensors_are_refused(rank, world):
     train_a_model_that_passes_tuples(world, Pair(), Join(), steps=1)
 
-    model = nn.Sequential(nn.Linear(4, 4), AsDict(), *[nn.Identity() for _ in range(world - 1)])
-    pipe = pipeline(model, chunks=2, balance=[2] + [1] * (world - 1))
     expected = TypeError if rank == 0 else RuntimeError
-    with pytest.raises(expected, match="flat tuple of Tensors|rank 0 failed"):
-        pipe.train_step(same(4, 4), same(4, 4), lambda out, y: out.sum())
+    for refused, message in ((AsDict(), "flat tuple of Tensors"),
+                             (ToSparse(), "is a Sparse tensor; only dense")):
+        model = nn.Sequential(nn.Linear(4, 4), refused, *[nn.Identity() for _ in range(world - 1)])
+        pipe = pipeline(model, chunks=2, balance=[2] + [1] * (world - 1))
+        # Refused before anything was sent, so the ranks stay in step: the same again, not a
+        # broken connection, on the next step.
+        for _ in range(2):
+            with pytest.raises(expected, match=f"{message}|rank 0 failed"):
+                pipe.train_step(same(4, 4), same(4, 4), lambda out, y: out.sum())
+        pipe.close()
 
 
 class WithMask(nn.Module):
@@ -363,8 +374,13 @@ def check_bad_arguments_are_refused_on_every_rank(rank, world):
         shardpipe.Pipeline(mlp(world), group="WORLD")
     with pytest.raises(ValueError, match="timeout must be at least"):
         pipeline(mlp(world), timeout=0)
-    with pytest.raises(ValueError, match="runs its stages on the CPU|no CUDA device"):
-        pipeline(mlp(world), devices=["cuda:0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            pipeline(mlp(world), devices=["cuda:0"])
+    # Hand-offs go through the group's CPU backend: a group with none is refused up front.
+    cuda_only = dist.new_group(list(range(world)), backend="cuda:gloo")
+    with pytest.raises(ValueError, match="group: its backend .cuda:gloo. has no CPU side"):
+        shardpipe.Pipeline(mlp(world), group=cuda_only, devices=["cpu"])
 
 
 def check_meta_device_materialises_only_this_ranks_stage(rank, world):

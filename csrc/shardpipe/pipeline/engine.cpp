@@ -374,7 +374,8 @@ at::Tensor Engine::run_train_step(const Values& values, const std::vector<bool>&
   caller_waits_for_stages();
   at::Tensor total;
   if (ranks_) {
-    total = step->shared_loss;
+    // On this rank's device, as one process gives it on the last stage's.
+    total = step->shared_loss.to(last);
   } else {
     record_on(step->losses, current_stream(last));
     total = at::stack(step->losses).sum();

@@ -10,6 +10,8 @@
 #include <deque>
 #include <stdexcept>
 
+#include "shardpipe/pipeline/stage_stream.h"
+
 namespace shardpipe {
 namespace {
 
@@ -204,6 +206,19 @@ ProcessGroupTransport::ProcessGroupTransport(const Placement& placement,
   }
   rank_ = group_->getRank();
   ranks_ = group_->getSize();
+  // Every message goes through host memory, CUDA stages' too (NCCL would need a communicator
+  // per direction to take receives posted ahead; see ARCHITECTURE).
+  std::string cpu_backend;
+  try {
+    cpu_backend = group_->getBackend(c10::DeviceType::CPU)->getBackendName();
+  } catch (const std::exception&) {
+    // none for the CPU: refused below
+  }
+  TORCH_CHECK_VALUE(!cpu_backend.empty(), "shardpipe: group '", group_name, "' (backend ",
+                    group_->getBackendName(),
+                    ") has no CPU backend; a pipeline over ranks hands its tensors over through "
+                    "gloo, also between GPUs: make the group with backend='cpu:gloo,cuda:nccl' "
+                    "(what dist.init_process_group() without a backend makes) or 'gloo'");
   short_messages_ = short_messages(*group_);
   TORCH_CHECK_VALUE(placement.workers == ranks_, "shardpipe: the placement has ", placement.workers,
                     " workers but the group ", ranks_, " ranks");
@@ -269,8 +284,18 @@ void ProcessGroupTransport::mark_broken(const std::string& reason) {
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTransport::start(
     int peer, const std::function<c10::intrusive_ptr<c10d::Work>()>& post) {
+  // Either way the channel is out of step with its peer now, so the transport is broken.
   try {
     return post();
+  } catch (const c10::DistError& e) {
+    mark_broken("lost its connection to rank " + std::to_string(peer));
+    TORCH_CHECK(false, "shardpipe: rank ", rank_, " lost its connection to rank ", peer, ": ",
+                e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    // The backend refused the operation itself (send() checks what users control first).
+    mark_broken("could not post a message for rank " + std::to_string(peer));
+    TORCH_CHECK(false, "shardpipe: rank ", rank_, " could not post a message for rank ", peer,
+                " (a bug in shardpipe): ", e.what_without_backtrace());
   } catch (const std::exception& e) {
     // gloo refuses to start an operation on a connection an earlier timeout closed.
     mark_broken("lost its connection to rank " + std::to_string(peer));
@@ -553,6 +578,10 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
         }
         for (auto& work : works) wait(work, what);
       }
+      // Received into host memory; a CUDA stage's copy goes on its stream, which its tasks
+      // then find ordered after it.
+      const at::Device device = placement_.stage_devices[expected.to_stage];
+      if (!device.is_cpu()) tensors = transfer(tensors, device, streams_[expected.to_stage]);
       StructurePtr structure = layout.tuple ? flat_tuple() : nullptr;
       std::vector<bool> needs_grad = std::move(layout.needs_grad);
       std::lock_guard<std::mutex> lock(step.mutex);
@@ -625,9 +654,14 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
     w[at++] = dims;
     for (int64_t d = 0; d < dims; ++d) w[at++] = t.size(d);
     if (!t.defined()) continue;
-    TORCH_CHECK_VALUE(t.device().is_cpu(), "shardpipe: stage ", message.from_stage, "'s ", what,
-                      " is on ", t.device(),
-                      "; between ranks only CPU tensors travel so far (gloo)");
+    // gloo sends a tensor's memory as it lies: only dense tensors have theirs in one piece.
+    TORCH_CHECK_TYPE(t.layout() == at::kStrided && !t.is_quantized(), "shardpipe: stage ",
+                     message.from_stage, "'s ", what, " ", j, " is a ",
+                     t.is_quantized() ? "quantized" : c10::str(t.layout()),
+                     " tensor; only dense (strided) tensors can cross between ranks");
+    TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda(), "shardpipe: stage ", message.from_stage, "'s ",
+                      what, " ", j, " is on ", t.device(),
+                      "; only CPU and CUDA tensors can cross between ranks");
   }
   w[5] = structure ? kFlatTuple : 0;
   // The receiver guessed this message's layout from the last time it came (and posted its
@@ -639,7 +673,14 @@ void ProcessGroupTransport::send(const Message& message, const Activations& tens
   if (!as_guessed) changed = Layout::of(std::move(words));
   const Layout& layout = as_guessed ? *guess : changed;
   std::vector<at::Tensor> data;
-  for (size_t j : layout.defined) data.push_back(tensors[j].detach());
+  bool on_cuda = false;
+  for (size_t j : layout.defined) {
+    data.push_back(tensors[j].detach());
+    on_cuda = on_cuda || tensors[j].is_cuda();
+  }
+  // Tensors cross through the group's CPU backend (gloo): a CUDA stage's go through host
+  // memory first, copied once its stream (current here, on the stage's thread) made them.
+  if (on_cuda) data = transfer(data, at::kCPU, std::nullopt);
   at::Tensor first_part;  // the header, the prefix, or the prefix with the tensors packed
   if (as_guessed && layout.packed) {
     first_part = at::empty({layout.packed_bytes}, at::kByte);
@@ -823,6 +864,8 @@ void ProcessGroupTransport::finish(Step& step) {
     mine.origin = rank_;
     const int last = placement_.stages() - 1;
     if (step.fused && !remote(last)) {
+      // The losses were made on the last stage's stream; reading them on another would race.
+      StreamsGuard on_stage({streams_[last]});
       at::Tensor total = at::stack(step.losses).sum();
       const double value = total.item<double>();
       std::memcpy(&mine.value, &value, sizeof(value));

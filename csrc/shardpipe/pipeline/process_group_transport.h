@@ -40,6 +40,10 @@ namespace shardpipe {
 // and the tensors on other tags). It receives into blocks of a ReceivePool and delivers into
 // the step's slots.
 //
+// Everything travels through the group's CPU backend (gloo): a CUDA stage's tensors are
+// copied to the host on its thread (after its stream made them) before they are sent, and
+// onto the receiving stage's stream once received.
+//
 // Faults: a phase that fails on one rank still sends every message its peers expect, as a
 // failure record in the header, so they stop waiting at once and the channels stay in step
 // for the next phase; after each phase the ranks exchange their outcomes, so that either
