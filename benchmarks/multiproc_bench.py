@@ -11,8 +11,8 @@ Spawns two gloo ranks on loopback (one intra-op thread each). Sections:
    at a time (a ping-pong, halved), and ``--chunks`` in flight at once into buffers allocated
    before the clock starts, as the pipeline's hand-offs are. The pipeline's figure holds the
    prefix of each hand-off (packed with the tensor up to 256 KiB, a message of its own above)
-   and, per step, the two rounds of small records between the ranks (the batch before the
-   phase, the outcome after), spread over the micro-batches.
+   and, per step, the small records between the ranks (the batch from the first stage's rank
+   before the phase, every rank's outcome after it), spread over the micro-batches.
    The last stage keeps one column so that the output's concatenation, which is the
    pipeline's and not the hand-off's, stays out of the figure.
 2. Training throughput: an MLP of ``--blocks`` Linear+ReLU blocks, ``train_step`` with 1F1B,

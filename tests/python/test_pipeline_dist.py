@@ -154,8 +154,9 @@ def check_hand_offs_above_and_below_the_packing_size(rank, world):
 
 def check_repeated_layouts_send_only_a_prefix_beside_the_tensors(rank, world):
     # The header (88 bytes for a 2-D tensor) goes only when a message's layout changes; a
-    # repeat carries a 16-byte prefix. Beside the hand-offs a step sends one record to each
-    # peer before the phase and one after (9 words each when nothing failed).
+    # repeat carries a 16-byte prefix. Beside the hand-offs the first stage's rank sends each
+    # peer the batch before the phase, and every rank sends each peer its outcome after it (9
+    # words a record when nothing failed).
     pipe = pipeline(mlp(world), chunks=4, schedule="1f1b")
     x, y = same(8, 6), same(8, 6, seed=2)
     first = pipe._engine.bytes_sent
@@ -166,7 +167,7 @@ def check_repeated_layouts_send_only_a_prefix_beside_the_tensors(rank, world):
     stage = pipe.stage_ranks.index(rank)
     messages = 4 * ((stage < world - 1) + (stage > 0))  # outputs down, gradients up
     tensor_bytes = messages * 2 * 6 * 4  # 2 rows of 6 floats a micro-batch
-    records = 2 * (world - 1) * 9 * 8
+    records = (1 + (stage == 0)) * (world - 1) * 9 * 8
     assert third - second == tensor_bytes + 16 * messages + records
     assert second - first > third - second  # the first step's headers
     pipe.close()
@@ -421,6 +422,11 @@ def check_bad_input_on_one_rank_makes_every_rank_raise(rank, world):
     with pytest.raises(ValueError if rank == last else RuntimeError,
                        match=f"batch size 4|rank {last} failed"):
         pipe.train_step(x, bad_y, mse)
+    # Refused in Python on the last stage's rank, after the batch went out: that rank fails
+    # the phase, with the TypeError itself.
+    with pytest.raises(TypeError if rank == last else RuntimeError,
+                       match=f"target must be|rank {last} failed outside any stage: TypeError"):
+        pipe.train_step(x, "not a tensor" if rank == last else y, mse)
     assert time.monotonic() - start < FAULT_DEADLINE_S
     train_and_compare(pipe, baseline, x, y, steps=1)
 

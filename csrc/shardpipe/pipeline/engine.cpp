@@ -185,18 +185,23 @@ std::shared_ptr<Step> Engine::make_step(const Values& values, const std::vector<
     if (refused) std::rethrow_exception(refused);
     parts = split_into_micro_batches(*step, inputs, batched, options_.chunks);
   } else {
-    // The first stage's rank splits the input; every rank learns the batch from it (and of
-    // any rank that cannot go on), so all make the same micro-batches or all raise.
+    // The first stage's rank splits the input and every rank learns the batch from it, so
+    // all make the same micro-batches; or it cannot, and all raise. Another rank that cannot
+    // go on (a bad target) fails the phase below, which makes every rank raise after it.
     int64_t batch = 0;
-    if (runs_stage(0) && !refused) {
-      try {
-        parts = split_into_micro_batches(*step, inputs, batched, options_.chunks);
-        batch = step->batch;
-      } catch (...) {
-        refused = std::current_exception();
+    std::exception_ptr first_refused;
+    if (runs_stage(0)) {
+      first_refused = std::exchange(refused, nullptr);
+      if (!first_refused) {
+        try {
+          parts = split_into_micro_batches(*step, inputs, batched, options_.chunks);
+          batch = step->batch;
+        } catch (...) {
+          first_refused = std::current_exception();
+        }
       }
     }
-    batch = ranks_->share_batch(batch, refused);
+    batch = ranks_->share_batch(batch, first_refused);
     if (!runs_stage(0)) {
       step->batch = batch;
       step->sizes = chunk_rows(batch, options_.chunks);
@@ -205,6 +210,7 @@ std::shared_ptr<Step> Engine::make_step(const Values& values, const std::vector<
       step->outputs.resize(step->micro_batches);
       step->input_grads.resize(step->micro_batches);
     }
+    if (refused) step->fail(refused, ranks_->place() + "reading its arguments");
   }
   stages_wait_for_caller();
   step->generators_held_by_caller = generator_locks_held_here();

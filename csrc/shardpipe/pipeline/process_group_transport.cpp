@@ -347,8 +347,8 @@ void ProcessGroupTransport::wait(const c10::intrusive_ptr<c10d::Work>& work,
 std::vector<ProcessGroupTransport::Record> ProcessGroupTransport::exchange(const Record& mine) {
   // Every rank sends its record to every other: on gloo a small point-to-point exchange costs
   // a third of an all-gather of the same bytes (measured on loopback, 2 ranks), and these
-  // rounds run twice a step. Tags above the channels' count the rounds, alike on every rank.
-  const int tag = static_cast<int>((1ull << 30) + rounds_++ % (1ull << 29));
+  // rounds run twice a step.
+  const int tag = next_round_tag();
   at::Tensor header = sendable(mine.encode(kOutcome), mine.words());
   std::vector<at::Tensor> received(static_cast<size_t>(ranks_));
   std::vector<std::pair<int, c10::intrusive_ptr<c10d::Work>>> works;
@@ -371,8 +371,25 @@ std::vector<ProcessGroupTransport::Record> ProcessGroupTransport::exchange(const
   return records;
 }
 
+int ProcessGroupTransport::next_round_tag() {
+  return static_cast<int>((1ull << 30) + rounds_++ % (1ull << 29));
+}
+
 int64_t ProcessGroupTransport::share_batch(int64_t batch, std::exception_ptr local) {
   check_usable();
+  const int tag = next_round_tag();
+  const int first = placement_.worker_of(0);
+  if (rank_ != first) {
+    // Hidden behind the wait for the first stage's output, which comes after it.
+    at::Tensor in = at::empty({kWords}, at::kLong);
+    std::vector<at::Tensor> box{in};
+    wait(start(first, [&] { return group_->recv(box, first, tag); }),
+         "did not hear from rank " + std::to_string(first) +
+             " (the first stage's) before the phase");
+    const Record record = Record::decode(in.data_ptr<int64_t>());
+    TORCH_CHECK(!record.failed, record.message());
+    return record.value;
+  }
   Record mine;
   mine.origin = rank_;
   mine.value = batch;
@@ -380,12 +397,29 @@ int64_t ProcessGroupTransport::share_batch(int64_t batch, std::exception_ptr loc
     mine.failed = true;
     mine.text = text_of(local);
   }
-  auto records = exchange(mine);
-  if (local) std::rethrow_exception(local);
-  for (const auto& r : records) {
-    TORCH_CHECK(!r.failed, r.message());
+  at::Tensor header = sendable(mine.encode(kOutcome), mine.words());
+  std::vector<Pending> posted;
+  for (int r = 0; r < ranks_; ++r) {
+    if (r == rank_) continue;
+    std::vector<at::Tensor> out{header};
+    posted.push_back({start(r, [&] { return group_->send(out, r, tag); }), {header}, r});
+    count_sent(header);
   }
-  return records[0].value;
+  if (local) {
+    // No phase follows to wait for these: they are delivered before the error is raised.
+    try {
+      for (auto& p : posted) {
+        wait(p.work, "could not tell rank " + std::to_string(p.to) + " that it cannot go on");
+      }
+    } catch (...) {
+      // The transport is broken now, which the next call reports; this call raises `local`.
+    }
+    std::rethrow_exception(local);
+  }
+  // Waited for with the phase's own sends, in finish.
+  std::lock_guard<std::mutex> lock(sends_mutex_);
+  for (auto& p : posted) sends_.push_back(std::move(p));
+  return batch;
 }
 
 void ProcessGroupTransport::begin(Step& step, const Schedule& schedule) {

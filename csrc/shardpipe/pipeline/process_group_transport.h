@@ -74,9 +74,11 @@ class ProcessGroupTransport : public LocalTransport {
   // benchmarks: what a step costs on the wire beside the tensors themselves).
   uint64_t bytes_sent() const { return bytes_sent_.load(std::memory_order_relaxed); }
 
-  // Before a phase, on every rank: the batch size (known on the first stage's rank, which
-  // splits the input) goes to every rank, and so does an error any rank met before the phase
-  // (`local`, which is rethrown here; the others raise naming that rank). Returns the batch.
+  // Before a phase, on every rank. The first stage's rank, which splits the input, sends every
+  // other rank the batch size, or a failure record when it cannot go on (`local`, rethrown
+  // there once delivered); the others wait for it and raise naming that rank. Returns the
+  // batch. Nobody waits for the other ranks here: one with its own reason not to go on fails
+  // the phase instead (the engine passes it no `local`), as a bad target does.
   int64_t share_batch(int64_t batch, std::exception_ptr local);
 
   void begin(Step& step, const Schedule& schedule) override;
@@ -170,6 +172,9 @@ class ProcessGroupTransport : public LocalTransport {
   Record failure_of(Step& step);
   // Every rank's record, in rank order (a collective of the group, bounded by the timeout).
   std::vector<Record> exchange(const Record& mine);
+  // The tag of the next round of records (before or after a phase), alike on every rank:
+  // above every channel's.
+  int next_round_tag();
   // Starts a send or receive with `peer`; a refusal (a connection an earlier timeout closed)
   // raises naming the peer and breaks the transport.
   c10::intrusive_ptr<c10d::Work> start(int peer,
