@@ -632,6 +632,15 @@ void ProcessGroupTransport::receive_all(Step& step, int from, std::vector<Messag
       step.notify_locked();
     } catch (...) {
       step.fail(std::current_exception(), place() + "receiving from rank " + std::to_string(from));
+      if (!broken_) {
+        // The sender follows the same plan, so this message's tensors (or empty messages)
+        // still come: taken before their receives, and the memory posted for them, go.
+        try {
+          for (auto& work : p.guessed_works) wait(work, what, /*progress=*/false);
+        } catch (...) {
+          // Now broken: handled below.
+        }
+      }
       if (broken_) {  // the channel is lost: nothing more will come
         left = std::move(p.guessed_works);
         break;
