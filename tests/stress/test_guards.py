@@ -88,6 +88,9 @@ def test_ctrl_c_stops_a_step_and_the_pipeline_stays_usable():
                 time.sleep(0.2)
                 return x * 2
 
+        # Python leaves SIGINT ignored when it started ignored (a job sent to the background
+        # by a shell without job control): Ctrl-C's own handler, as an interactive run has it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         pipe = sp.Pipeline(nn.Sequential(Slow(), Slow()), ["cpu", "cpu"], chunks=20)
         pipe._engine.threads = "workers"
         threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
