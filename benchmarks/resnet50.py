@@ -475,7 +475,8 @@ def main():
         ways += [(peers[-1].name, split_size(args.batch, c), c, peers[-1].runner(c))
                  for c in args.chunks]
     else:
-        notes.append("shardpipe, process per stage: skipped (CPU stages over gloo only so far)")
+        notes.append("shardpipe, process per stage: skipped (CPU only here: its CUDA stages "
+                     "have not run on a GPU yet)")
     peer_note = "\n".join(notes) or None
     try:
         rows = measure_interleaved(ways, args.repeats)
